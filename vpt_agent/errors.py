@@ -32,3 +32,7 @@ class CheckpointError(VPTError):
 
 class InputMismatchError(VPTError, ValueError):
     """Model inputs disagree with each other (e.g. placeholder count vs. features given)."""
+
+
+class PerceptionLimitError(VPTError):
+    """The model asked for perception the run does not allow (step bound reached or action disabled)."""

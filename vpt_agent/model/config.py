@@ -1,0 +1,111 @@
+"""`VPTConfig`: Qwen2-VL's config plus the Visual Perception Token fields of the released checkpoints."""
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Qwen2VLConfig
+
+from ..errors import ConfigError
+from ..tokens import BRANCHES
+
+# The paper's code fetched these two encoders from the hub; their architectures are spelled out
+# here so that a released config.json (which lacks them) builds without any download.
+DINOV2_LARGE: dict[str, Any] = {
+    "model_type": "dinov2",
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "mlp_ratio": 4,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "image_size": 518,
+    "patch_size": 14,
+    "num_channels": 3,
+    "qkv_bias": True,
+    "layerscale_value": 1.0,
+    "use_swiglu_ffn": False,
+}
+SAM_VIT_LARGE: dict[str, Any] = {
+    "hidden_size": 1024,
+    "output_channels": 256,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "image_size": 1024,
+    "patch_size": 16,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "qkv_bias": True,
+    "mlp_ratio": 4.0,
+    "use_abs_pos": True,
+    "use_rel_pos": True,
+    "window_size": 14,
+    "global_attn_indexes": [5, 11, 17, 23],
+    "num_pos_feats": 128,
+    "mlp_dim": 4096,
+}
+
+# Token-id fields every VPT config must carry (the released configs set all of them).
+REQUIRED_ID_FIELDS = (
+    "image_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    *(f for b in BRANCHES.values() for f in (b.start_field, b.action_field, b.pad_field)),
+    "para_start_id",
+    "para_end_id",
+)
+
+
+class VPTConfig(Qwen2VLConfig):
+    """Qwen2-VL config with the VPT fields (DESIGN.md §2); unknown fields of a checkpoint are kept.
+
+    `vision_encoder_ls` names the re-encoding branches (["dino"], ["sam"], ["clip"], or several);
+    `detection_encoder_config` / `seg_encoder_config` hold the DINOv2 / SAM architectures
+    (transformers `Dinov2Config` / `SamVisionConfig` dicts) and default to the released ones.
+    """
+
+    model_type = "qwen2_vl_vpt"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        defaults: dict[str, Any] = {
+            "vision_encoder_ls": ["dino"],
+            "num_inner_forward_run": 2,
+            "projector_scale": 1,
+            "para_mask_id": 0,
+            "para_mask_ratio": 1.0,
+            "alignment": False,
+        }
+        for key, value in defaults.items():
+            kwargs.setdefault(key, value)
+        for field in REQUIRED_ID_FIELDS[3:]:
+            kwargs.setdefault(field, None)
+        if kwargs.get("detection_encoder_config") is None:
+            kwargs["detection_encoder_config"] = dict(DINOV2_LARGE)
+        if kwargs.get("seg_encoder_config") is None:
+            kwargs["seg_encoder_config"] = dict(SAM_VIT_LARGE)
+        super().__post_init__(**kwargs)
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The re-encoding branches this model has, in the library's names ("dino", "sam", "clip")."""
+        return tuple(self.vision_encoder_ls)
+
+    def validate_vpt(self) -> None:
+        """Raise `ConfigError` naming every missing VPT field or unknown branch."""
+        missing = [f for f in REQUIRED_ID_FIELDS if getattr(self, f, None) is None]
+        if missing:
+            raise ConfigError(
+                f"config lacks the VPT fields {missing}: this is not a Qwen2-VL VPT config "
+                "(model_type 'qwen2_vl_vpt' with detection_/clip_/seg_ token ids)"
+            )
+        unknown = [b for b in self.vision_encoder_ls if b not in BRANCHES]
+        if unknown or not isinstance(self.vision_encoder_ls, (list, tuple)):
+            raise ConfigError(
+                f"vision_encoder_ls names unknown branches {unknown}; known: {sorted(BRANCHES)}"
+            )
+        if self.num_inner_forward_run not in (1, 2):
+            raise ConfigError(f"num_inner_forward_run must be 1 or 2, got {self.num_inner_forward_run}")
+        if self.projector_scale != 1:
+            raise ConfigError(
+                f"projector_scale={self.projector_scale} is not supported (the released models use 1)"
+            )

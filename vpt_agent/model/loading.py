@@ -1,0 +1,168 @@
+"""Reading and writing VPT checkpoints: the released layout (transformers-4.45 key names, sharded
+`pytorch_model-*.bin` pickles or safetensors) and our own safetensors saves."""
+from __future__ import annotations
+
+import json
+import pickle
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file
+
+from ..errors import CheckpointError, ConfigError
+from ..perception.dino import convert_hf_dinov2_state_dict
+from ..perception.sam import convert_hf_sam_vision_state_dict
+from .config import VPTConfig
+from .projectors import UNUSED_PROJECTOR_KEYS
+
+# 4.45-era Qwen2-VL names -> transformers 5 names (prefix renames, first match wins).
+KEY_RENAMES: tuple[tuple[str, str], ...] = (
+    ("model.language_model.", "model.language_model."),
+    ("model.visual.", "model.visual."),
+    ("model.", "model.language_model."),
+    ("visual.", "model.visual."),
+)
+
+
+def resolve_checkpoint_dir(path_or_id: str | Path) -> Path:
+    """A local directory as is; otherwise a hub id fetched with huggingface_hub (never in tests)."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_id).startswith((".", "/")) or str(path_or_id).count("/") != 1:
+        raise CheckpointError(f"checkpoint directory not found: {path_or_id}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_id)))
+    except Exception as exc:  # network or missing repo: say which
+        raise CheckpointError(f"could not fetch '{path_or_id}' from the hub: {exc}") from exc
+
+
+def load_config(path: Path, **overrides: Any) -> VPTConfig:
+    """Read config.json, check it describes a Qwen2-VL VPT model, apply keyword overrides."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from exc
+    model_type = raw.get("model_type")
+    if model_type not in (VPTConfig.model_type, "qwen2_vl"):
+        raise ConfigError(
+            f"{file} is a '{model_type}' checkpoint, not a Qwen2-VL VPT one ('{VPTConfig.model_type}')"
+        )
+    raw.update(overrides)
+    raw["model_type"] = VPTConfig.model_type
+    config = VPTConfig(**{k: v for k, v in raw.items() if k != "transformers_version"})
+    config.validate_vpt()
+    return config
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint: those an index names, else the usual single/sharded names."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            names = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            missing = [n for n in names if not (path / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{path / index} names shards that are missing: {missing}")
+            return [path / n for n in names]
+    for pattern in ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin"):
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise CheckpointError(f"{path} holds no model weights (model*.safetensors or pytorch_model*.bin)")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory: safetensors (single or sharded) or `.bin` pickles
+    (loaded with `weights_only=True`; a pickle that tries to run code is refused)."""
+    files = weight_files(path)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            state.update(load_file(file))
+            continue
+        try:
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise CheckpointError(
+                f"refused to load {file.name}: not a plain tensor pickle ({str(exc).splitlines()[0]})"
+            ) from exc
+    return state
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Released (4.45 / transformers-encoder) key names -> this library's module names."""
+    out: dict[str, torch.Tensor] = {}
+    branch_parts: dict[str, dict[str, torch.Tensor]] = {"detection_model.": {}, "seg_model.": {}}
+    for key, value in state.items():
+        prefix = next((p for p in branch_parts if key.startswith(p)), None)
+        if prefix is not None:
+            branch_parts[prefix][key[len(prefix):]] = value
+            continue
+        for old, new in KEY_RENAMES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    for prefix, converter, attr in (
+        ("detection_model.", convert_hf_dinov2_state_dict, "detection_model"),
+        ("seg_model.", convert_hf_sam_vision_state_dict, "seg_model"),
+    ):
+        part = branch_parts[prefix]
+        if part and hasattr(model, attr):
+            part = converter(part, getattr(model, attr))
+        out.update({prefix + k: v for k, v in part.items()})
+    for branch, keys in UNUSED_PROJECTOR_KEYS.items():
+        for key in keys:
+            out.pop(f"{'seg' if branch == 'sam' else branch}_projector.{key}", None)
+    return out
+
+
+def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Raise `CheckpointError` naming missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    problems = []
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f" … (+{len(keys) - 8})" if len(keys) > 8 else "")
+            problems.append(f"{len(keys)} {title}: {shown}")
+    if problems:
+        raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Build modules directly in `dtype` (no float32 copy of a large model)."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def resolve_device(device_map: str | torch.device | None) -> torch.device:
+    """`None` -> cpu, "auto" -> cuda when available, else the device named."""
+    if device_map is None:
+        return torch.device("cpu")
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        raise CheckpointError("device_map dicts (multi-device sharding) are not supported; name one device")
+    return torch.device(device_map)

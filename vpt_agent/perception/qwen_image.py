@@ -1,0 +1,190 @@
+"""Image tensors for the Qwen2-VL encoder, plus the resampling helpers the other branches share.
+
+The released VPT models were trained with LLaMA-Factory's Qwen2-VL plugin, which regularizes every
+image (original, crops, and the DINOv2 / SAM inputs alike) with PIL ``NEAREST`` resizes before any
+processor sees it. :func:`resize_for_qwen` reproduces that rule on tensors, pixel for pixel.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from itertools import accumulate
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadImageError
+
+QWEN_MAX_SIDE = 512
+QWEN_MIN_SIDE = 28
+QWEN_MAX_RATIO = 180
+# Qwen2-VL's smart_resize refuses aspect ratios above 200; the plugin only clamps beyond that.
+_RATIO_LIMIT = 200
+_MERGE_TOKENS = 4  # 2x2 spatial merge
+
+
+def check_image(image: object) -> torch.Tensor:
+    """Return ``image`` if it is a uint8 tensor of shape (3, H, W) with H, W >= 1, else raise."""
+    if not isinstance(image, torch.Tensor):
+        raise BadImageError(f"expected a torch.Tensor image, got {type(image).__name__}")
+    if image.dtype != torch.uint8:
+        raise BadImageError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+        raise BadImageError(f"expected an image of shape (3, H, W), got {tuple(image.shape)}")
+    return image
+
+
+def _nearest_index(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """Source indices PIL's NEAREST resize reads, including its running float64 sum of steps."""
+    step = n_in / n_out
+    positions = accumulate([step] * (n_out - 1), initial=step * 0.5)
+    return torch.tensor([min(int(p), n_in - 1) for p in positions], dtype=torch.long, device=device)
+
+
+def resize_for_qwen(
+    image: torch.Tensor,
+    max_side: int = QWEN_MAX_SIDE,
+    min_side: int = QWEN_MIN_SIDE,
+    max_ratio: int = QWEN_MAX_RATIO,
+) -> torch.Tensor:
+    """Regularize an image as the reference data pipeline does, on the image's device.
+
+    1. If the longer side exceeds ``max_side``, scale both sides by ``max_side / longer`` and
+       truncate with ``int()``.
+    2. Each side shorter than ``min_side`` is stretched to ``min_side`` (the other side is kept).
+    3. If an aspect ratio exceeds 200 (Qwen2-VL's limit), the long side becomes ``max_ratio`` times
+       the short one.
+
+    Every step is a PIL ``NEAREST`` resize (reproduced exactly, so no new pixel values appear).
+    Unlike the reference, which crashes there, a side truncated to 0 in step 1 is kept at 1 px.
+    """
+    check_image(image)
+    height, width = image.shape[1:]
+    rows = cols = None
+
+    def resize(new_width: int, new_height: int) -> None:
+        nonlocal rows, cols, width, height
+        if rows is None:
+            rows = torch.arange(height, device=image.device)
+            cols = torch.arange(width, device=image.device)
+        rows = rows[_nearest_index(height, new_height, image.device)]
+        cols = cols[_nearest_index(width, new_width, image.device)]
+        width, height = new_width, new_height
+
+    if max(width, height) > max_side:
+        factor = max_side / max(width, height)
+        resize(max(1, int(width * factor)), max(1, int(height * factor)))
+    if min(width, height) < min_side:
+        resize(max(width, min_side), max(height, min_side))
+    if width / height > _RATIO_LIMIT:
+        resize(height * max_ratio, height)
+    if height / width > _RATIO_LIMIT:
+        resize(width, width * max_ratio)
+    if rows is None:
+        return image
+    return image.index_select(1, rows).index_select(2, cols)
+
+
+_PRECISION_BITS = 22  # PIL's fixed-point precision for 8-bit resampling
+_FILTER_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
+
+
+def _pil_filter(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """PIL's bilinear / bicubic (a = -0.5) kernels, with its operation order."""
+    x = x.abs()
+    if mode == "bilinear":
+        return torch.where(x < 1.0, 1.0 - x, 0.0)
+    near = ((-0.5 + 2.0) * x - (-0.5 + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * -0.5
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, 0.0))
+
+
+def _pil_coefficients(n_in: int, n_out: int, mode: str, device: torch.device):
+    """PIL's per-output first source index (n_out,) and fixed-point weights (n_out, taps)."""
+    scale = n_in / n_out
+    filter_scale = max(scale, 1.0)
+    support = _FILTER_SUPPORT[mode] * filter_scale
+    taps = math.ceil(support) * 2 + 1
+    center = (torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * scale
+    first = (center - support + 0.5).trunc().clamp(min=0)
+    count = (center + support + 0.5).trunc().clamp(max=n_in) - first
+    weights = []
+    total = torch.zeros(n_out, dtype=torch.float64, device=device)
+    for tap in range(taps):
+        w = _pil_filter((tap + first - center + 0.5) / filter_scale, mode)
+        w = torch.where(tap < count, w, 0.0)
+        total = total + w  # accumulated tap by tap, like PIL
+        weights.append(w)
+    weights = torch.stack(weights, dim=1) / torch.where(total != 0, total, 1.0)[:, None]
+    fixed = weights * (1 << _PRECISION_BITS)
+    fixed = torch.where(fixed < 0, (fixed - 0.5).trunc(), (fixed + 0.5).trunc())
+    return first.long(), fixed
+
+
+def _pil_pass(image: torch.Tensor, n_out: int, mode: str) -> torch.Tensor:
+    """One PIL resampling pass along the last axis of a float64 tensor of uint8 values."""
+    n_in = image.shape[-1]
+    first, fixed = _pil_coefficients(n_in, n_out, mode, image.device)
+    total = torch.full((*image.shape[:-1], n_out), float(1 << (_PRECISION_BITS - 1)),
+                       dtype=torch.float64, device=image.device)
+    for tap in range(fixed.shape[1]):
+        source = (first + tap).clamp(max=n_in - 1)
+        total += image.index_select(-1, source) * fixed[:, tap]  # integers: exact in float64
+    return torch.floor(total / (1 << _PRECISION_BITS)).clamp_(0, 255)
+
+
+def resize_like_pil(
+    image: torch.Tensor, size: tuple[int, int], mode: Literal["bilinear", "bicubic"]
+) -> torch.Tensor:
+    """Resize a uint8 (3, H, W) image to ``size`` = (height, width) exactly as PIL does.
+
+    Reproduces Pillow's 8-bit resampling (``Image.resize`` with BILINEAR / BICUBIC): its
+    antialiasing support, fixed-point weights, horizontal pass first, intermediate rounding to
+    uint8. Integer sums are exact in float64, so the result is bit-identical to PIL.
+    """
+    check_image(image)
+    height, width = image.shape[1:]
+    out = image.to(torch.float64)
+    if size[1] != width:
+        out = _pil_pass(out, size[1], mode)
+    if size[0] != height:
+        out = _pil_pass(out.transpose(1, 2), size[0], mode).transpose(1, 2)
+    return out.to(torch.uint8)
+
+
+@lru_cache(maxsize=1)
+def _default_processor():
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor()
+
+
+def qwen_pixel_values(
+    images: list[torch.Tensor], image_processor=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL ``pixel_values`` (P, 1176) and ``image_grid_thw`` (n, 3) for uint8 (3, H, W) images.
+
+    Each image goes through :func:`resize_for_qwen`, then through ``image_processor`` (default: a
+    transformers ``Qwen2VLImageProcessor`` with its defaults: smart_resize to multiples of 28,
+    bicubic, OpenAI-CLIP mean/std, patch 14, temporal patch 2, 2x2 merge). Results are on the
+    images' device.
+    """
+    if not images:
+        raise BadImageError("no images given")
+    device = check_image(images[0]).device
+    resized = []
+    for image in images:
+        if check_image(image).device != device:
+            raise BadImageError("all images must be on the same device")
+        resized.append(resize_for_qwen(image))
+    processor = image_processor if image_processor is not None else _default_processor()
+    out = processor(images=resized, return_tensors="pt", input_data_format="channels_first")
+    pixel_values = out["pixel_values"].to(device=device, dtype=torch.float32)
+    return pixel_values, out["image_grid_thw"].to(device=device, dtype=torch.long)
+
+
+def num_image_tokens(grid_thw: torch.Tensor) -> int:
+    """Number of merged image tokens for a (3,) or (n, 3) ``image_grid_thw``: sum of t*h*w / 4."""
+    grid = torch.as_tensor(grid_thw).reshape(-1, 3)
+    return int(grid.prod(dim=-1).sum().item()) // _MERGE_TOKENS
