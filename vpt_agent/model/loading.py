@@ -114,9 +114,9 @@ def convert_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -
         ("detection_model.", convert_hf_dinov2_state_dict, "detection_model"),
         ("seg_model.", convert_hf_sam_vision_state_dict, "seg_model"),
     ):
-        part = branch_parts[prefix]
-        if part and hasattr(model, attr):
-            part = converter(part, getattr(model, attr))
+        part, module = branch_parts[prefix], getattr(model, attr, None)
+        if part and module is not None and not set(part) <= set(module.state_dict()):
+            part = converter(part, module)  # transformers naming (released checkpoints)
         out.update({prefix + k: v for k, v in part.items()})
     for branch, keys in UNUSED_PROJECTOR_KEYS.items():
         for key in keys:

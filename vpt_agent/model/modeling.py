@@ -78,15 +78,18 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
         torch_dtype: torch.dtype | None = None,
         dtype: torch.dtype | None = None,
         device_map: str | torch.device | None = None,
+        config: VPTConfig | None = None,
         **config_overrides: Any,
     ) -> "VPTForConditionalGeneration":
         """Load a released VPT checkpoint (4.45 names, sharded .bin or safetensors) or our own save.
 
-        Keyword arguments other than dtype/device override config fields, e.g.
+        `config` (as the Auto classes pass it) is used as is; other keyword arguments override
+        config fields, e.g.
         `detection_encoder_config=...` for a checkpoint with a non-default DINOv2.
         """
         path = resolve_checkpoint_dir(path_or_id)
-        config = load_config(path, **config_overrides)
+        if config is None:  # the Auto classes pass the config they already read
+            config = load_config(path, **config_overrides)
         dtype = dtype or torch_dtype
         device = resolve_device(device_map)
         with default_dtype(dtype), device:
