@@ -140,3 +140,19 @@ def test_bad_session_inputs(tiny):
     dino_only, tok = tiny_vpt_model(branches=("dino",))
     with pytest.raises(MissingBranchError):
         branch_features(dino_only, "sam", image(40, 40, 0))
+
+
+def test_generation_cut_by_max_new_tokens_continues(tiny):
+    """Two calls of n tokens give the same tokens as one call of 2n."""
+    model, tokenizer = tiny
+    img = image(70, 90, 8)
+    one = VPTSession(model, tokenizer)
+    one.start([img], ["Tell me more"])
+    whole = one.generate(8)[0]
+    two = VPTSession(model, tokenizer)
+    two.start([img], ["Tell me more"])
+    first = two.generate(4)[0]
+    assert first.stop == "length" or first.token_ids == whole.token_ids
+    rest = two.generate(4).get(0)
+    joined = first.token_ids + (rest.token_ids if rest and first.stop == "length" else [])
+    assert joined == whole.token_ids

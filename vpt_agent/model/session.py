@@ -81,6 +81,7 @@ class VPTSession:
         self.suppressed = sorted(
             {cfg.image_token_id, cfg.video_token_id, *(getattr(cfg, b.pad_field) for b in BRANCHES.values())}
         )
+        self._suppressed = torch.tensor(self.suppressed, device=self.device)
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # (B, cached length)
@@ -167,14 +168,20 @@ class VPTSession:
         forced: Mapping[int, Sequence[int]] | None = None,
         on_text: Callable[[int, str], None] | None = None,
     ) -> dict[int, Turn]:
-        """Decode greedily for every row that is not finished, after feeding queued turns.
+        """Decode greedily for every row that is not finished, after feeding queued turns (and the
+        last token of rows that stopped at `max_new_tokens`, which continue their turn).
 
         `forced[row]` token ids are emitted first (teacher forcing), then greedy decoding goes on.
         Stops per row at `<|im_end|>`/eos ("eos"), at a re-encoding action end ("action"), or
         after `max_new_tokens` ("length").
         """
-        if self._queued:
-            self._append(self._queued)
+        feed = dict(self._queued)
+        for i, row in enumerate(self.rows):  # rows cut off by max_new_tokens continue their turn
+            ended = row.pending in self.stop_ids or row.pending in self.action_end_ids
+            if not row.finished and i not in feed and row.pending is not None and not ended:
+                feed[i] = self._decode_segment(row, row.pending)
+        if feed:
+            self._append(feed)
         forced = forced or {}
         for row, tokens in forced.items():
             if set(tokens) & set(self.suppressed):
@@ -208,9 +215,7 @@ class VPTSession:
 
     # --------------------------------------------------------------- internals
     def _greedy(self, logits: torch.Tensor) -> int:
-        logits = logits.clone()
-        logits[self.suppressed] = float("-inf")
-        return int(logits.argmax())
+        return int(logits.index_fill(0, self._suppressed, float("-inf")).argmax())
 
     def _decode_segment(self, row: _Row, token: int) -> _Segment:
         """One decoded token; an action token's embedding is the hidden state of the token before
