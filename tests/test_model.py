@@ -136,3 +136,17 @@ def test_placeholder_count_mismatch_names_the_counts():
         model(input_ids=ids)
     with pytest.raises(MissingBranchError, match="no 'sam' branch"):
         model.projector("sam")
+
+
+def test_tokenizer_loading_registers_vpt_tokens(tmp_path):
+    from vpt_agent.model.loading import load_tokenizer
+    from vpt_agent.model.tokenizer import build_char_tokenizer, special_ids
+
+    build_char_tokenizer().save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert special_ids(tokenizer)["detection_action_start_id"] == tokenizer.convert_tokens_to_ids(
+        "<|detection_action_start|>"
+    )
+    assert tokenizer("<|x_3|>", add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids("<|x_3|>")]
+    with pytest.raises(CheckpointError, match="no loadable tokenizer"):
+        load_tokenizer(FIXTURES / "dino")

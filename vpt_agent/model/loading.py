@@ -41,6 +41,22 @@ def resolve_checkpoint_dir(path_or_id: str | Path) -> Path:
         raise CheckpointError(f"could not fetch '{path_or_id}' from the hub: {exc}") from exc
 
 
+def load_tokenizer(path_or_id: str | Path):
+    """The checkpoint's tokenizer with every VPT token registered (a released checkpoint's
+    added_tokens.json already has them; a plain Qwen2-VL tokenizer gains them)."""
+    from transformers import AutoTokenizer
+
+    from .tokenizer import add_vpt_tokens
+
+    path = resolve_checkpoint_dir(path_or_id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds no loadable tokenizer: {str(exc).splitlines()[0]}") from exc
+    add_vpt_tokens(tokenizer)
+    return tokenizer
+
+
 def load_config(path: Path, **overrides: Any) -> VPTConfig:
     """Read config.json, check it describes a Qwen2-VL VPT model, apply keyword overrides."""
     file = path / "config.json"
