@@ -12,7 +12,8 @@ from itertools import accumulate
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+from transformers import Qwen2VLImageProcessor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from ..errors import BadImageError
 
@@ -100,10 +101,13 @@ def _pil_filter(x: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, 0.0))
 
 
-def _pil_coefficients(n_in: int, n_out: int, mode: str, device: torch.device):
+def _pil_coefficients(
+    n_in: int, n_out: int, mode: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PIL's per-output first source index (n_out,) and fixed-point weights (n_out, taps)."""
     scale = n_in / n_out
     filter_scale = max(scale, 1.0)
+    inverse_scale = 1.0 / filter_scale
     support = _FILTER_SUPPORT[mode] * filter_scale
     taps = math.ceil(support) * 2 + 1
     center = (torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * scale
@@ -112,7 +116,7 @@ def _pil_coefficients(n_in: int, n_out: int, mode: str, device: torch.device):
     weights = []
     total = torch.zeros(n_out, dtype=torch.float64, device=device)
     for tap in range(taps):
-        w = _pil_filter((tap + first - center + 0.5) / filter_scale, mode)
+        w = _pil_filter((tap + first - center + 0.5) * inverse_scale, mode)
         w = torch.where(tap < count, w, 0.0)
         total = total + w  # accumulated tap by tap, like PIL
         weights.append(w)
@@ -123,15 +127,21 @@ def _pil_coefficients(n_in: int, n_out: int, mode: str, device: torch.device):
 
 
 def _pil_pass(image: torch.Tensor, n_out: int, mode: str) -> torch.Tensor:
-    """One PIL resampling pass along the last axis of a float64 tensor of uint8 values."""
-    n_in = image.shape[-1]
+    """One PIL resampling pass along the rows (dim 1) of a contiguous int32 (C, H, W) image.
+
+    Integer arithmetic as in PIL: sums of fixed-point weight * pixel fit in int32 by design.
+    Gathering whole rows keeps every step a contiguous copy.
+    """
+    n_in = image.shape[1]
     first, fixed = _pil_coefficients(n_in, n_out, mode, image.device)
-    total = torch.full((*image.shape[:-1], n_out), float(1 << (_PRECISION_BITS - 1)),
-                       dtype=torch.float64, device=image.device)
+    fixed = fixed.to(torch.int32)[:, :, None]
+    shape = (image.shape[0], n_out, image.shape[2])
+    total = torch.full(shape, 1 << (_PRECISION_BITS - 1), dtype=torch.int32, device=image.device)
+    gathered = torch.empty_like(total)
     for tap in range(fixed.shape[1]):
-        source = (first + tap).clamp(max=n_in - 1)
-        total += image.index_select(-1, source) * fixed[:, tap]  # integers: exact in float64
-    return torch.floor(total / (1 << _PRECISION_BITS)).clamp_(0, 255)
+        torch.index_select(image, 1, (first + tap).clamp(max=n_in - 1), out=gathered)
+        total.add_(gathered.mul_(fixed[:, tap]))
+    return total.bitwise_right_shift_(_PRECISION_BITS).clamp_(0, 255)
 
 
 def resize_like_pil(
@@ -139,24 +149,26 @@ def resize_like_pil(
 ) -> torch.Tensor:
     """Resize a uint8 (3, H, W) image to ``size`` = (height, width) exactly as PIL does.
 
-    Reproduces Pillow's 8-bit resampling (``Image.resize`` with BILINEAR / BICUBIC): its
-    antialiasing support, fixed-point weights, horizontal pass first, intermediate rounding to
-    uint8. Integer sums are exact in float64, so the result is bit-identical to PIL.
+    Reproduces Pillow's 8-bit ``Image.resize`` with BILINEAR / BICUBIC: antialiasing support,
+    fixed-point weights and int32 sums, horizontal pass first, intermediate rounded to uint8, so
+    the result is bit-identical. Pillow <= 12 (the reference used 11.0)
+    always runs the horizontal pass first; Pillow 13 sometimes runs the vertical pass first when
+    both sides change, and then differs by at most one level on some pixels.
     """
     check_image(image)
+    if len(size) != 2 or min(size) < 1:
+        raise BadImageError(f"cannot resize to {size!r}")
     height, width = image.shape[1:]
-    out = image.to(torch.float64)
+    out = image.to(torch.int32)
     if size[1] != width:
-        out = _pil_pass(out, size[1], mode)
+        out = _pil_pass(out.transpose(1, 2).contiguous(), size[1], mode).transpose(1, 2)
     if size[0] != height:
-        out = _pil_pass(out.transpose(1, 2), size[0], mode).transpose(1, 2)
+        out = _pil_pass(out.contiguous(), size[0], mode)
     return out.to(torch.uint8)
 
 
 @lru_cache(maxsize=1)
-def _default_processor():
-    from transformers import Qwen2VLImageProcessor
-
+def _default_processor() -> Qwen2VLImageProcessor:
     return Qwen2VLImageProcessor()
 
 
@@ -165,21 +177,33 @@ def qwen_pixel_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen2-VL ``pixel_values`` (P, 1176) and ``image_grid_thw`` (n, 3) for uint8 (3, H, W) images.
 
-    Each image goes through :func:`resize_for_qwen`, then through ``image_processor`` (default: a
-    transformers ``Qwen2VLImageProcessor`` with its defaults: smart_resize to multiples of 28,
-    bicubic, OpenAI-CLIP mean/std, patch 14, temporal patch 2, 2x2 merge). Results are on the
-    images' device.
+    Each image goes through :func:`resize_for_qwen`, then Qwen2-VL's ``smart_resize`` (sides to
+    multiples of patch * merge = 28 within the processor's pixel budget) done as a PIL bicubic
+    resize (:func:`resize_like_pil`, as the reference's PIL-based processor did), then through
+    ``image_processor`` (default: transformers' ``Qwen2VLImageProcessor``) for rescaling,
+    OpenAI-CLIP normalization and patchifying (patch 14, temporal patch 2, 2x2 merge).
+    Results are on the images' device.
     """
     if not images:
         raise BadImageError("no images given")
     device = check_image(images[0]).device
+    processor = image_processor if image_processor is not None else _default_processor()
     resized = []
     for image in images:
         if check_image(image).device != device:
             raise BadImageError("all images must be on the same device")
-        resized.append(resize_for_qwen(image))
-    processor = image_processor if image_processor is not None else _default_processor()
-    out = processor(images=resized, return_tensors="pt", input_data_format="channels_first")
+        image = resize_for_qwen(image)
+        size = smart_resize(
+            image.shape[1],
+            image.shape[2],
+            factor=processor.patch_size * processor.merge_size,
+            min_pixels=processor.size["shortest_edge"],
+            max_pixels=processor.size["longest_edge"],
+        )
+        resized.append(resize_like_pil(image, size, "bicubic"))
+    out = processor(
+        images=resized, do_resize=False, return_tensors="pt", input_data_format="channels_first"
+    )
     pixel_values = out["pixel_values"].to(device=device, dtype=torch.float32)
     return pixel_values, out["image_grid_thw"].to(device=device, dtype=torch.long)
 
