@@ -148,6 +148,13 @@ class VPTSession:
         ids = self._close_turn(state) + self._vision(projected.shape[0], pad) + self._assistant()
         self._queued[row] = _Segment(ids, features={branch: projected})
 
+    def add_text(self, row: int, text: str) -> None:
+        """A plain user turn (user text: no special tokens) and a new assistant turn, e.g. to ask
+        again for a direct answer after a perception request that could not be served."""
+        state = self._row(row)
+        ids = self._close_turn(state) + encode_user_text(self.tokenizer, text) + self._assistant()
+        self._queued[row] = _Segment(ids)
+
     def finish(self, row: int) -> None:
         """No more rounds for this row."""
         self._row(row).finished = True

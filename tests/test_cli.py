@@ -1,0 +1,138 @@
+"""`vpt-agent ask`: output formats, options, and one-line errors (in process; the installed
+console script itself runs in test_graph_readme.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vpt_agent.graph as graph_module
+import vpt_agent.model as vpt_model
+from vpt_agent.cli import main
+from vpt_agent.model.tiny import tiny_vpt_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny VPT checkpoint directory with its tokenizer, as `--model` expects."""
+    path = tmp_path_factory.mktemp("ckpt")
+    model, tokenizer = tiny_vpt_model()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def image_path(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_json_output_and_trace(checkpoint, image_path, tmp_path, capsys):
+    trace = tmp_path / "trace.png"
+    argv = ["ask", str(image_path), "What is it?", "--model", str(checkpoint), "--json", "--trace", str(trace)]
+    argv += ["--max-new-tokens", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert set(result) == {"answer", "actions", "regions", "steps", "error"}
+    assert result["steps"][0]["node"] == "perceive" and result["steps"][-1]["node"] == "answer"
+    assert "<|" not in result["answer"]
+    assert Image.open(trace).format == "PNG"
+    assert out.err == ""  # an explicit model: no demo-model warning
+
+
+def test_plain_output_is_the_answer(checkpoint, image_path, capsys):
+    assert main(["ask", str(image_path), "What is it?", "--model", str(checkpoint), "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 1
+
+
+def test_options_reach_the_graph(monkeypatch, checkpoint, image_path, capsys):
+    seen = {}
+    real = graph_module.build_graph
+
+    def spy(model=None, checkpointer=None, **options):
+        seen.update(options, model=model)
+        return real(model, checkpointer, **options)
+
+    monkeypatch.setattr(graph_module, "build_graph", spy)
+    argv = ["ask", str(image_path), "Q?", "--model", str(checkpoint)]
+    argv += ["--max-steps", "0", "--mode", "direct", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    assert seen == {"model": str(checkpoint), "max_perception_steps": 0, "mode": "direct", "max_new_tokens": 3}
+
+
+@pytest.mark.skipif(hasattr(vpt_model, "default_model"), reason="a demo model is bundled")
+def test_without_a_model_warns_about_the_random_demo_model(image_path, capsys):
+    assert main(["ask", str(image_path), "What is it?", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("vpt-agent: warning: no bundled demo model")
+    assert "random-weight" in err[0]
+
+
+def _one_error_line(err: str, message: str) -> None:
+    assert err.count("\n") == 1 and err.startswith("vpt-agent: error:") and message in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ask", "{tmp}/missing.png", "Q?"], "no such image file"),
+        (["ask", "{tmp}", "Q?"], "is a directory"),
+        (["ask", "{img}", "   "], "the question is empty"),
+        (["ask", "{img}", "Q?", "--model", "{tmp}"], "has no config.json"),
+        (["ask", "{img}", "Q?", "--max-steps", "-1", "--model", "{ckpt}"], "max_perception_steps"),
+    ],
+)
+def test_runtime_errors_are_one_line(argv, message, tmp_path, image_path, checkpoint, capsys):
+    assert main([a.format(tmp=tmp_path, img=image_path, ckpt=checkpoint) for a in argv]) == 1
+    _one_error_line(capsys.readouterr().err, message)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ask", "{img}", "Q?", "--mode", "loud"], "invalid choice"),
+        (["ask", "{img}"], "required"),
+        (["ask", "{img}", "Q?", "--max-steps", "two"], "invalid int value"),
+        ([], "required"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, message, image_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(img=image_path) for a in argv])
+    assert exit_info.value.code == 2
+    _one_error_line(capsys.readouterr().err, message)
+
+
+def test_corrupt_image_file(tmp_path, capsys):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert main(["ask", str(path), "Q?"]) == 1
+    _one_error_line(capsys.readouterr().err, "not a readable image")
+
+
+def test_a_checkpoint_without_tokenizer(checkpoint, image_path, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((checkpoint / name).read_bytes())
+    assert main(["ask", str(image_path), "Q?", "--model", str(bare)]) == 1
+    _one_error_line(capsys.readouterr().err, "holds no loadable tokenizer")
+
+
+def test_a_tokenizer_that_disagrees_with_the_config(checkpoint, image_path, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    for file in checkpoint.iterdir():
+        (other / file.name).write_bytes(file.read_bytes())
+    config = json.loads((other / "config.json").read_text())
+    config["image_token_id"], config["video_token_id"] = config["video_token_id"], config["image_token_id"]
+    (other / "config.json").write_text(json.dumps(config))
+    assert main(["ask", str(image_path), "Q?", "--model", str(other)]) == 1
+    _one_error_line(capsys.readouterr().err, "disagrees with the model config on ['image_token_id', 'video_token_id']")

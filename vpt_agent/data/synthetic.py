@@ -1,0 +1,284 @@
+"""A synthetic "find the small detail" benchmark, deterministic by seed.
+
+Each scene is a 896-1024 px canvas (landscape or portrait, aspect 0.6-1) with a textured,
+cluttered background and 4-8 filled shapes, each a unique (colour, shape) pair and each holding
+a ~12 px glyph. The global view the model sees first (longest side <= 512, NEAREST) breaks the
+glyphs' 1-2 px strokes, while a crop of the object's cells plus the parser's one-cell margin
+(<= 4x4 cells, <= 512 px) reaches the encoder at full resolution.
+
+Question families (short questions, short answers):
+
+* ``fine_detail``: "What character is in the red circle?" -> the glyph;
+* ``spatial``: "Is the red circle left of the blue square?" -> yes / no (global view suffices);
+* ``counting``: "How many triangles are there?" / "How many red shapes are there?" -> a digit;
+* ``existence``: "Is there a green triangle?" -> yes / no; half are POPE-like hard negatives
+  (the colour and the shape both occur, never together).
+
+Region targets (``Item.cells``) are the grid cells covering ``Item.box``, the union of the
+objects the question is about (the target of fine_detail, both objects of spatial, the counted
+objects, the asked-for object); where there is none (a count of 0, an absent object) the region
+is the whole image, as the released models emit a region for every question in region mode.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..tokens import NUM_CUT, Box, Cells
+
+Family = Literal["fine_detail", "spatial", "counting", "existence"]
+FAMILIES: tuple[Family, ...] = ("fine_detail", "spatial", "counting", "existence")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 35, 35),
+    "green": (30, 160, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 205, 25),
+    "purple": (135, 55, 190),
+    "orange": (245, 125, 20),
+    "pink": (245, 120, 190),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+GLYPHS = "0123456789ACEFHKLPRTXY"
+"""Glyph alphabet: digits and capitals that do not look alike in the default font."""
+GLYPH_FONT_SIZE = 17  # PIL's default font: capitals ~12 px tall
+LONG_SIDE = (896, 1024)
+ASPECT = (0.6, 1.0)
+OBJECTS = (4, 8)
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    colour: str
+    shape: str
+    glyph: str
+    box: Box
+    """(x0, y0, x1, y1), right/bottom exclusive."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+@dataclass(frozen=True)
+class Item:
+    """One benchmark question about one scene."""
+
+    image: torch.Tensor
+    """uint8 (3, H, W)."""
+    question: str
+    answer: str
+    family: Family
+    box: Box | None
+    """Union of the boxes the question is about; None when there is none (count 0, absent object)."""
+    cells: Cells
+    """Region target (x_min, y_min, x_max, y_max) covering ``box``, or the whole grid."""
+    objects: tuple[SceneObject, ...]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return self.image.shape[2], self.image.shape[1]
+
+
+def cells_covering(box: Box, size: tuple[int, int]) -> Cells:
+    """The smallest cell range whose pixel box (``int(k * W / 8)`` edges, as `region_box`) holds ``box``."""
+    (x0, y0, x1, y1), (width, height) = box, size
+
+    def span(lo: int, hi: int, extent: int) -> tuple[int, int]:
+        edges = [int(k * extent / NUM_CUT) for k in range(NUM_CUT + 1)]
+        first = max(k for k in range(NUM_CUT) if edges[k] <= lo)
+        last = min(k for k in range(NUM_CUT) if edges[k + 1] >= hi)
+        return first, last
+
+    (cx0, cx1), (cy0, cy1) = span(x0, x1, width), span(y0, y1, height)
+    return cx0, cy0, cx1, cy1
+
+
+def union(boxes: Sequence[Box]) -> Box:
+    return min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)
+
+
+def generate(seed: int, n: int, families: Sequence[Family] = FAMILIES) -> list[Item]:
+    """Items 0..n-1 of the stream ``seed`` (see `make_item`)."""
+    return [make_item(seed, index, families) for index in range(n)]
+
+
+def make_item(seed: int, index: int, families: Sequence[Family] = FAMILIES) -> Item:
+    """Item ``index`` of the stream ``seed``: a function of (seed, index, families) only."""
+    unknown = set(families) - set(FAMILIES)
+    if unknown or not families:
+        raise ValueError(f"unknown question families {sorted(unknown)}; expected some of {FAMILIES}")
+    rng = np.random.default_rng([seed, index])
+    family = families[rng.integers(len(families))]
+    image, objects = _scene(rng)
+    question, answer, about = _QUESTIONS[family](rng, objects)
+    size = (image.width, image.height)
+    box = union([o.box for o in about]) if about else None
+    cells = cells_covering(box, size) if box else (0, 0, NUM_CUT - 1, NUM_CUT - 1)
+    tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
+    return Item(tensor, question, answer, family, box, cells, tuple(objects))
+
+
+# ------------------------------------------------------------------------------------- scenes
+@lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=GLYPH_FONT_SIZE)
+
+
+def _scene(rng: np.random.Generator) -> tuple[Image.Image, list[SceneObject]]:
+    long_side = int(rng.integers(*LONG_SIDE, endpoint=True))
+    short_side = int(long_side * rng.uniform(*ASPECT))
+    width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+    image = _background(rng, width, height)
+    draw = ImageDraw.Draw(image)
+    _clutter(rng, draw, width, height)
+    cell = min(width, height) / NUM_CUT
+    objects: list[SceneObject] = []
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    chosen = rng.permutation(len(pairs))[: int(rng.integers(OBJECTS[0], OBJECTS[1], endpoint=True))]
+    for pair in chosen:
+        colour, shape = pairs[pair]
+        size = int(rng.uniform(0.75, 0.95) * cell)
+        box = _place(rng, objects, size, width, height)
+        if box is None:
+            continue
+        obj = SceneObject(colour, shape, GLYPHS[rng.integers(len(GLYPHS))], box)
+        _draw_object(draw, obj)
+        objects.append(obj)
+    if len(objects) < OBJECTS[0]:  # crowded canvas: draw a new one
+        return _scene(rng)
+    return image, objects
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A muted base colour, large soft blotches and fine luminance grain."""
+    base = rng.integers(120, 215, size=3)
+    blotches = rng.integers(-40, 41, size=(height // 96 + 2, width // 96 + 2, 3), dtype=np.int16)
+    blotch_image = Image.fromarray((blotches + 128).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    grain = rng.integers(-12, 13, size=(height, width, 1), dtype=np.int16)
+    pixels = np.asarray(blotch_image, dtype=np.int16) - 128 + grain + base.astype(np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int) -> None:
+    """Thin lines and outlined ellipses / rectangles in greyish tones: texture, not objects."""
+    for _ in range(int(rng.integers(20, 41))):
+        grey = int(rng.integers(60, 230))
+        colour = tuple(int(np.clip(grey + rng.integers(-25, 26), 0, 255)) for _ in range(3))
+        x, y = int(rng.integers(width)), int(rng.integers(height))
+        dx, dy = (int(v) for v in rng.integers(-160, 161, size=2))
+        kind = rng.integers(3)
+        if kind == 0:
+            draw.line((x, y, x + dx, y + dy), fill=colour, width=int(rng.integers(1, 4)))
+        else:
+            box = (min(x, x + dx), min(y, y + dy), max(x, x + dx), max(y, y + dy))
+            shape = draw.ellipse if kind == 1 else draw.rectangle
+            shape(box, outline=colour, width=int(rng.integers(1, 3)))
+
+
+def _place(rng: np.random.Generator, objects: list[SceneObject], size: int, width: int, height: int) -> Box | None:
+    """A box of side ``size`` inside the canvas, at least half a size away from every other object."""
+    gap = size // 2
+    for _ in range(100):
+        x0, y0 = int(rng.integers(8, width - size - 8)), int(rng.integers(8, height - size - 8))
+        box = (x0, y0, x0 + size, y0 + size)
+        if all(box[0] >= o.box[2] + gap or o.box[0] >= box[2] + gap or box[1] >= o.box[3] + gap
+               or o.box[1] >= box[3] + gap for o in objects):
+            return box
+    return None
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
+    x0, y0, x1, y1 = obj.box
+    x1, y1 = x1 - 1, y1 - 1  # PIL draws inclusive coordinates
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    fill, outline = COLOURS[obj.colour], (25, 25, 25)
+    if obj.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill, outline=outline, width=2)
+    elif obj.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill, outline=outline, width=2)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill, outline=outline, width=2)
+        cy = y0 + (y1 - y0) * 2 / 3  # the centroid: the widest part that fits the glyph
+    else:
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill, outline=outline, width=2)
+    luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
+    ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+    draw.text((cx, cy), obj.glyph, font=_font(), fill=ink, anchor="mm")
+
+
+# ---------------------------------------------------------------------------------- questions
+Question = tuple[str, str, list[SceneObject]]
+
+
+def _fine_detail(rng: np.random.Generator, objects: list[SceneObject]) -> Question:
+    obj = objects[rng.integers(len(objects))]
+    return f"What character is in the {obj.name}?", obj.glyph, [obj]
+
+
+_RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+
+
+def _spatial(rng: np.random.Generator, objects: list[SceneObject]) -> Question:
+    """A pair clearly apart along the relation's axis (centres at least one object size apart)."""
+    relation = list(_RELATIONS)[rng.integers(len(_RELATIONS))]
+    axis, sign = _RELATIONS[relation]
+    pairs = [(a, b) for a in objects for b in objects
+             if abs(a.centre[axis] - b.centre[axis]) >= a.box[2] - a.box[0]]
+    if not pairs:  # objects on one line: ask along the other axis
+        relation = "left of" if axis else "above"
+        return _spatial_pair(rng, objects, relation)
+    return _spatial_pair(rng, objects, relation)
+
+
+def _spatial_pair(rng: np.random.Generator, objects: list[SceneObject], relation: str) -> Question:
+    axis, sign = _RELATIONS[relation]
+    pairs = [(a, b) for a in objects for b in objects
+             if sign * (a.centre[axis] - b.centre[axis]) >= a.box[2] - a.box[0]]
+    if not pairs:  # every pair is closer than that: take the farthest apart
+        a, b = max(((a, b) for a in objects for b in objects),
+                   key=lambda p: sign * (p[0].centre[axis] - p[1].centre[axis]))
+    else:
+        a, b = pairs[rng.integers(len(pairs))]
+    holds = True
+    if rng.random() < 0.5:
+        a, b, holds = b, a, False
+    return f"Is the {a.name} {relation} the {b.name}?", "yes" if holds else "no", [a, b]
+
+
+def _counting(rng: np.random.Generator, objects: list[SceneObject]) -> Question:
+    if rng.random() < 0.5:
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        counted = [o for o in objects if o.shape == shape]
+        question = f"How many {shape}s are there?"
+    else:
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        counted = [o for o in objects if o.colour == colour]
+        question = f"How many {colour} shapes are there?"
+    return question, str(len(counted)), counted
+
+
+def _existence(rng: np.random.Generator, objects: list[SceneObject]) -> Question:
+    if rng.random() < 0.5:
+        obj = objects[rng.integers(len(objects))]
+        return f"Is there a {obj.name}?", "yes", [obj]
+    present = {(o.colour, o.shape) for o in objects}
+    colours, shapes = {o.colour for o in objects}, {o.shape for o in objects}
+    hard = sorted((c, s) for c in colours for s in shapes if (c, s) not in present)
+    absent = hard or sorted((c, s) for c in COLOURS for s in SHAPES if (c, s) not in present)
+    colour, shape = absent[rng.integers(len(absent))]
+    return f"Is there a {colour} {shape}?", "no", []
+
+
+_QUESTIONS = {"fine_detail": _fine_detail, "spatial": _spatial, "counting": _counting, "existence": _existence}

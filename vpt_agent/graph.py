@@ -1,0 +1,143 @@
+"""The VPT LangGraph: perceive -> mllm -> (crop | dino | sam | clip -> mllm)* -> answer.
+
+``mllm`` generates one round; the router reads the action it parsed: a region selection goes to
+``crop``, a re-encoding request to its branch node, a final answer to ``answer``. A refused or
+malformed request goes back to ``mllm`` once, which asks the question again so that the model
+answers without that perception. Tool nodes hand their output back to ``mllm``, which continues
+the same KV cache.
+"""
+from __future__ import annotations
+
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+from langchain_core.tools import StructuredTool, ToolException
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from pydantic import BaseModel, Field
+
+from . import model as vpt_model
+from .configuration import VPTOptions
+from .errors import ConfigError
+from .model.loading import load_tokenizer
+from .model.tokenizer import special_ids
+from .nodes import VPTNodes
+from .state import InputState, OutputState, VPTState, result_json, with_image_serde
+from .store import VPTStore
+from .tokens import CONFIG_TOKEN_FIELDS
+
+
+def build_graph(
+    model: Any = None,
+    checkpointer: BaseCheckpointSaver | bool | None = None,
+    *,
+    tokenizer: Any = None,
+    **options: Any,
+) -> CompiledStateGraph:
+    """The compiled VPT graph: ``graph.invoke({"image": ..., "q": "..."})``.
+
+    `model`: a `VPTForConditionalGeneration` (pass its `tokenizer`), a checkpoint directory, or
+    None for the bundled demo model. `options`: `vpt_agent.configuration.VPTOptions` fields, each
+    overridable per run in ``config["configurable"]``. A checkpointer is used through a copy
+    whose serializer also accepts PIL images and tensors as input.
+    """
+    defaults = VPTOptions.build(**options)
+    model, tokenizer = resolve_model(model, tokenizer)
+    nodes = VPTNodes(model, tokenizer, defaults, VPTStore())
+    tools = ["crop", *nodes.branches]
+
+    builder = StateGraph(VPTState, input_schema=InputState, output_schema=OutputState)
+    builder.add_node("perceive", nodes.perceive)
+    builder.add_node("mllm", nodes.mllm)
+    builder.add_node("crop", nodes.crop)
+    for branch in nodes.branches:
+        builder.add_node(branch, nodes.reencode)
+    builder.add_node("answer", nodes.answer)
+
+    builder.add_edge(START, "perceive")
+    builder.add_conditional_edges("perceive", nodes.after_perceive, ["mllm", END])
+    builder.add_conditional_edges("mllm", nodes.route, [*tools, "mllm", "answer"])
+    for tool in tools:
+        builder.add_edge(tool, "mllm")
+    builder.add_edge("answer", END)
+
+    if isinstance(checkpointer, BaseCheckpointSaver):
+        checkpointer = with_image_serde(checkpointer)
+    return builder.compile(checkpointer=checkpointer, name="vpt")
+
+
+def resolve_model(model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a model object and its tokenizer, a checkpoint directory, or None
+    (the bundled demo model; a tiny random-weight model with a warning until one is bundled)."""
+    if model is None:
+        default = getattr(vpt_model, "default_model", None)
+        if default is not None:
+            return default()
+        from .model.tiny import tiny_vpt_model
+
+        warnings.warn(
+            "no bundled demo model is installed: using a tiny random-weight VPT model, "
+            "whose answers are meaningless (pass a checkpoint with --model / model=)",
+            stacklevel=2,
+        )
+        return tiny_vpt_model()
+    if isinstance(model, (str, Path)):
+        return load_model(model)
+    if tokenizer is None:
+        raise ConfigError("a model object needs its tokenizer: build_graph(model, tokenizer=...)")
+    return model, tokenizer
+
+
+def load_model(path: str | Path) -> tuple[Any, Any]:
+    """A VPT checkpoint directory -> (model, tokenizer saved beside it), checked to agree."""
+    model = vpt_model.VPTForConditionalGeneration.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    ids = special_ids(tokenizer)
+    wrong = sorted(f for f in CONFIG_TOKEN_FIELDS if getattr(model.config, f, None) != ids[f])
+    if wrong:
+        raise ConfigError(f"the tokenizer in {path} disagrees with the model config on {wrong}")
+    return model, tokenizer
+
+
+class LookInput(BaseModel):
+    image: str = Field(description="path of an image file, or a data:image/...;base64,... URL")
+    question: str = Field(description="what to find out about the image")
+
+
+def as_tool(
+    graph: CompiledStateGraph,
+    *,
+    name: str = "look_closely",
+    description: str = (
+        "Look at an image closely and answer a question about it. The vision model may zoom into "
+        "regions or re-encode the image before answering."
+    ),
+) -> StructuredTool:
+    """A LangChain tool running `graph`: content is the answer, artifact the JSON result."""
+
+    def finish(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if not result.get("answer") and result.get("error"):
+            raise ToolException(result["error"])
+        return result["answer"], result_json(result)
+
+    def run_config() -> dict[str, Any]:
+        return {"configurable": {"thread_id": uuid.uuid4().hex}}
+
+    def look(image: str, question: str) -> tuple[str, dict[str, Any]]:
+        return finish(graph.invoke({"image": image, "q": question}, run_config()))
+
+    async def alook(image: str, question: str) -> tuple[str, dict[str, Any]]:
+        return finish(await graph.ainvoke({"image": image, "q": question}, run_config()))
+
+    return StructuredTool.from_function(
+        func=look,
+        coroutine=alook,
+        name=name,
+        description=description,
+        args_schema=LookInput,
+        response_format="content_and_artifact",
+        handle_tool_error=True,
+    )

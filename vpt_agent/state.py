@@ -1,0 +1,122 @@
+"""The graph state: only serializable values (str, int, lists, dicts, PNG bytes), so any LangGraph
+checkpointer can save and resume a run. Tensors live in `vpt_agent.store.VPTStore`."""
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Mapping
+from typing import Annotated, Any, TypedDict
+
+import torch
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.serde.base import SerializerProtocol
+from PIL import Image
+
+from .errors import BadImageError
+from .images import load_image, to_png
+
+
+class StepRecord(TypedDict):
+    """One trace record per node run."""
+
+    node: str
+    text: str | None
+    """mllm: the generated text, special tokens kept; answer: the answer."""
+    action: dict[str, Any] | None
+    """mllm: the parsed output (`vpt_agent.tokens.ParsedOutput` as JSON)."""
+    boxes: list[list[int]]
+    """crop: the pixel boxes (x0, y0, x1, y1) on the original image."""
+    feature_shape: list[int] | None
+    """dino / sam / clip: the shape of the raw encoder features."""
+    duration_ms: float
+    error: str | None
+    """"ErrorType: message" when the node refused or could not do something."""
+
+
+Appended = Annotated[list, operator.add]
+"""A list that nodes extend; `perceive` resets it with `langgraph.types.Overwrite`."""
+
+
+class InputState(TypedDict):
+    image: Any
+    """A path, data URL, bytes, PIL image, numpy HWC uint8 array or CHW tensor (`load_image`)."""
+    q: str
+
+
+class OutputState(TypedDict, total=False):
+    image: Any
+    """After `perceive`: PNG bytes of the normalized image (what resuming decodes)."""
+    q: str
+    answer: str
+    actions: Appended
+    """The perception actions carried out, in order (`ParsedOutput` as JSON)."""
+    regions: Appended
+    """Pixel boxes (x0, y0, x1, y1) on the original image of every crop shown to the model."""
+    steps: Appended
+    """One `StepRecord` per node run."""
+    error: str | None
+    """Why the input was rejected, or why the model's last request was refused (the answer
+    was then given without that perception); None otherwise."""
+
+
+class VPTState(InputState, OutputState, total=False):
+    run_id: str
+    """Key of this run's tensors in the store (a new one per question)."""
+    image_key: str
+    """Content hash of the normalized image."""
+    image_size: list[int]
+    """[width, height] of the original image."""
+    prompt: str
+    """The question with the prompt mode's suffix, as the model reads it."""
+    turns: Appended
+    """Token ids the model generated, one list per round (replayed to rebuild the KV cache)."""
+    followups: Appended
+    """What followed each non-final round, in order: the perception action carried out (as in
+    `actions`) or {"kind": "reask"} (the question asked again after a refused request)."""
+    pending: dict[str, Any] | None
+    """The action the next node carries out ({"kind": "reask"} goes back to mllm); None routes
+    to the answer."""
+
+
+def result_json(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-ready part of a final state: answer, actions, regions, steps, error."""
+    return {key: result.get(key) for key in ("answer", "actions", "regions", "steps", "error")}
+
+
+class ImageSerializer(SerializerProtocol):
+    """Checkpoint serializer that stores PIL images and tensors found in graph inputs as PNG bytes.
+
+    LangGraph checkpoints the raw input before any node runs; this lets ``{"image": PIL or tensor}``
+    be checkpointed. A value `load_image` rejects is stored as empty bytes, which it rejects again.
+    """
+
+    def __init__(self, inner: SerializerProtocol) -> None:
+        self.inner = inner
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        return self.inner.dumps_typed(_portable(obj))
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        return self.inner.loads_typed(data)
+
+
+def with_image_serde(checkpointer: BaseCheckpointSaver) -> BaseCheckpointSaver:
+    """A shallow copy of `checkpointer` (same storage) whose serializer accepts image objects."""
+    if isinstance(checkpointer.serde, ImageSerializer):
+        return checkpointer
+    clone = copy.copy(checkpointer)
+    clone.serde = ImageSerializer(checkpointer.serde)
+    return clone
+
+
+def _portable(obj: Any) -> Any:
+    if isinstance(obj, (Image.Image, torch.Tensor)):
+        try:
+            return to_png(load_image(obj, max_pixels=2**62, max_side=2**62))
+        except BadImageError:
+            return b""
+    if type(obj) is dict:
+        return {key: _portable(value) for key, value in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_portable(value) for value in obj)
+    return obj
