@@ -150,3 +150,14 @@ def test_tokenizer_loading_registers_vpt_tokens(tmp_path):
     assert tokenizer("<|x_3|>", add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids("<|x_3|>")]
     with pytest.raises(CheckpointError, match="no loadable tokenizer"):
         load_tokenizer(FIXTURES / "dino")
+
+
+def test_released_config_builds_the_large_encoders_without_download():
+    """dinov2-large and sam-vit-large from the spelled-out defaults (on the meta device: no memory)."""
+    dino_cfg = VPTConfig.from_pretrained(FIXTURES / "dino")
+    sam_cfg = VPTConfig.from_pretrained(FIXTURES / "sam")
+    with torch.device("meta"):
+        dino = VPTForConditionalGeneration(dino_cfg).detection_model
+        sam = VPTForConditionalGeneration(sam_cfg).seg_model
+    assert round(sum(p.numel() for p in dino.parameters()) / 1e6, 1) == 303.2  # ViT-L/14 at 224 px
+    assert round(sum(p.numel() for p in sam.parameters()) / 1e6, 1) == 308.3  # SAM ViT-L image encoder

@@ -126,7 +126,7 @@ def make_item(seed: int, index: int, families: Sequence[Family] = FAMILIES) -> I
     size = (image.width, image.height)
     box = union([o.box for o in about]) if about else None
     cells = cells_covering(box, size) if box else (0, 0, NUM_CUT - 1, NUM_CUT - 1)
-    tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
     return Item(tensor, question, answer, family, box, cells, tuple(objects))
 
 
@@ -162,9 +162,10 @@ def _scene(rng: np.random.Generator) -> tuple[Image.Image, list[SceneObject]]:
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A muted base colour, large soft blotches and fine luminance grain."""
+    """A muted base colour, large soft (mostly light/dark) blotches and fine luminance grain."""
     base = rng.integers(120, 215, size=3)
-    blotches = rng.integers(-40, 41, size=(height // 96 + 2, width // 96 + 2, 3), dtype=np.int16)
+    shape = (height // 96 + 2, width // 96 + 2)
+    blotches = rng.integers(-35, 36, size=(*shape, 1), dtype=np.int16) + rng.integers(-15, 16, size=(*shape, 3), dtype=np.int16)
     blotch_image = Image.fromarray((blotches + 128).astype(np.uint8)).resize((width, height), Image.BILINEAR)
     grain = rng.integers(-12, 13, size=(height, width, 1), dtype=np.int16)
     pixels = np.asarray(blotch_image, dtype=np.int16) - 128 + grain + base.astype(np.int16)
@@ -231,30 +232,23 @@ _RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below":
 
 
 def _spatial(rng: np.random.Generator, objects: list[SceneObject]) -> Question:
-    """A pair clearly apart along the relation's axis (centres at least one object size apart)."""
-    relation = list(_RELATIONS)[rng.integers(len(_RELATIONS))]
-    axis, sign = _RELATIONS[relation]
-    pairs = [(a, b) for a in objects for b in objects
-             if abs(a.centre[axis] - b.centre[axis]) >= a.box[2] - a.box[0]]
-    if not pairs:  # objects on one line: ask along the other axis
-        relation = "left of" if axis else "above"
-        return _spatial_pair(rng, objects, relation)
-    return _spatial_pair(rng, objects, relation)
-
-
-def _spatial_pair(rng: np.random.Generator, objects: list[SceneObject], relation: str) -> Question:
-    axis, sign = _RELATIONS[relation]
-    pairs = [(a, b) for a in objects for b in objects
-             if sign * (a.centre[axis] - b.centre[axis]) >= a.box[2] - a.box[0]]
-    if not pairs:  # every pair is closer than that: take the farthest apart
-        a, b = max(((a, b) for a in objects for b in objects),
-                   key=lambda p: sign * (p[0].centre[axis] - p[1].centre[axis]))
-    else:
-        a, b = pairs[rng.integers(len(pairs))]
-    holds = True
-    if rng.random() < 0.5:
-        a, b, holds = b, a, False
+    """A pair whose centres are at least their mean size apart along the relation's axis (placement
+    keeps every pair that far apart along some axis, so one of the relations always has pairs)."""
+    for relation in rng.permutation(list(_RELATIONS)):
+        axis, sign = _RELATIONS[relation]
+        pairs = [(a, b) for a in objects for b in objects
+                 if sign * (a.centre[axis] - b.centre[axis]) >= (_side(a) + _side(b)) / 2]
+        if pairs:
+            break
+    a, b = pairs[rng.integers(len(pairs))]
+    holds = rng.random() < 0.5
+    if not holds:
+        a, b = b, a
     return f"Is the {a.name} {relation} the {b.name}?", "yes" if holds else "no", [a, b]
+
+
+def _side(obj: SceneObject) -> int:
+    return obj.box[2] - obj.box[0]
 
 
 def _counting(rng: np.random.Generator, objects: list[SceneObject]) -> Question:
@@ -272,13 +266,17 @@ def _counting(rng: np.random.Generator, objects: list[SceneObject]) -> Question:
 def _existence(rng: np.random.Generator, objects: list[SceneObject]) -> Question:
     if rng.random() < 0.5:
         obj = objects[rng.integers(len(objects))]
-        return f"Is there a {obj.name}?", "yes", [obj]
+        return f"Is there {_a(obj.colour)} {obj.name}?", "yes", [obj]
     present = {(o.colour, o.shape) for o in objects}
     colours, shapes = {o.colour for o in objects}, {o.shape for o in objects}
     hard = sorted((c, s) for c in colours for s in shapes if (c, s) not in present)
     absent = hard or sorted((c, s) for c in COLOURS for s in SHAPES if (c, s) not in present)
     colour, shape = absent[rng.integers(len(absent))]
-    return f"Is there a {colour} {shape}?", "no", []
+    return f"Is there {_a(colour)} {colour} {shape}?", "no", []
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 _QUESTIONS = {"fine_detail": _fine_detail, "spatial": _spatial, "counting": _counting, "existence": _existence}

@@ -6,43 +6,19 @@ from typing import Any
 from transformers import Qwen2VLConfig
 
 from ..errors import ConfigError
+from ..perception.dino import DINOV2_DEFAULTS
+from ..perception.sam import SAM_VISION_DEFAULTS
 from ..tokens import BRANCHES
 
 # The paper's code fetched these two encoders from the hub; their architectures are spelled out
 # here so that a released config.json (which lacks them) builds without any download.
 DINOV2_LARGE: dict[str, Any] = {
-    "model_type": "dinov2",
-    "hidden_size": 1024,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "mlp_ratio": 4,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-6,
-    "image_size": 518,
-    "patch_size": 14,
-    "num_channels": 3,
-    "qkv_bias": True,
-    "layerscale_value": 1.0,
-    "use_swiglu_ffn": False,
+    **DINOV2_DEFAULTS, "model_type": "dinov2", "image_size": 518,
+    "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
 }
 SAM_VIT_LARGE: dict[str, Any] = {
-    "hidden_size": 1024,
-    "output_channels": 256,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "num_channels": 3,
-    "image_size": 1024,
-    "patch_size": 16,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-6,
-    "qkv_bias": True,
-    "mlp_ratio": 4.0,
-    "use_abs_pos": True,
-    "use_rel_pos": True,
-    "window_size": 14,
-    "global_attn_indexes": [5, 11, 17, 23],
-    "num_pos_feats": 128,
-    "mlp_dim": 4096,
+    **SAM_VISION_DEFAULTS, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "global_attn_indexes": [5, 11, 17, 23], "mlp_dim": 4096,
 }
 
 # Token-id fields every VPT config must carry (the released configs set all of them).

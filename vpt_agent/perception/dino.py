@@ -25,7 +25,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # transformers Dinov2Config defaults, used for keys a config dict leaves out.
-_DINOV2_DEFAULTS = {
+DINOV2_DEFAULTS = {
     "hidden_size": 768,
     "num_hidden_layers": 12,
     "num_attention_heads": 12,
@@ -83,7 +83,7 @@ def build_dino_encoder(config: dict | object) -> DinoEncoder:
     Unknown keys (e.g. the transformers-4.45 ``id2label``, ``torch_dtype``) are ignored;
     ``image_size`` is ignored too since the encoder is built for 224x224 inputs.
     """
-    cfg = {**_DINOV2_DEFAULTS, **config_as_dict(config, ("dinov2",))}
+    cfg = {**DINOV2_DEFAULTS, **config_as_dict(config, ("dinov2",))}
     if cfg["use_swiglu_ffn"]:
         raise ConfigError("DINOv2 with a SwiGLU MLP (use_swiglu_ffn) is not supported")
     if cfg["hidden_act"] != "gelu":

@@ -20,7 +20,7 @@ from .qwen_image import check_image, resize_for_qwen, resize_like_pil
 SAM_IMAGE_SIZE = 1024
 
 # transformers SamVisionConfig defaults, used for keys a config dict leaves out.
-_SAM_VISION_DEFAULTS = {
+SAM_VISION_DEFAULTS = {
     "hidden_size": 768,
     "output_channels": 256,
     "num_hidden_layers": 12,
@@ -58,7 +58,7 @@ def build_sam_encoder(config: dict | object) -> SamEncoder:
 
     Unknown keys (e.g. the transformers-4.45 ``id2label``, ``torch_dtype``) are ignored.
     """
-    cfg = {**_SAM_VISION_DEFAULTS, **config_as_dict(config, _SAM_VISION_TYPES)}
+    cfg = {**SAM_VISION_DEFAULTS, **config_as_dict(config, _SAM_VISION_TYPES)}
     if cfg["hidden_act"] != "gelu":
         raise ConfigError(f"SAM hidden_act must be 'gelu', got {cfg['hidden_act']!r}")
     hidden = cfg["hidden_size"]

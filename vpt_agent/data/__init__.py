@@ -1,0 +1,1 @@
+"""Training data: the synthetic benchmark and its conversations in the VPT multi-round format."""

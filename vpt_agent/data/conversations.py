@@ -1,0 +1,124 @@
+"""Benchmark items as training conversations, token for token what `VPTSession` builds.
+
+A conversation is the system turn, the user turn (global image + "\\n" + question with the mode's
+suffix), then either the answer, or a perception round and the answer:
+
+* region: the assistant emits the item's region cells (every covered ``<|x_i|>``, then every
+  ``<|y_j|>``) and ``<|im_end|>``; the next user turn shows the crop (region box with the parser's
+  one-cell margin) at full resolution;
+* reencode: the assistant emits ``<|detection_action_start|><|detection_action|><|detection_action_end|>``
+  and ``<|im_end|>``; the next user turn holds the 256 ``<|detection_image_pad|>`` placeholders that
+  the conditioned DINO features replace (`detection_images` input).
+
+Routes by prompt mode: ``region`` and ``reencode`` always take their perception round; ``free``
+(no suffix, the model decides) crops for fine_detail and answers the other families directly;
+``direct`` answers at once. Labels are -100 outside assistant turns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..model.session import DEFAULT_SYSTEM
+from ..model.tokenizer import encode_user_text
+from ..perception.crop import crop
+from ..perception.dino import preprocess_dino
+from ..perception.qwen_image import num_image_tokens, qwen_pixel_values
+from ..tokens import (
+    BRANCHES,
+    IMAGE_PAD,
+    IMAGE_PLACEHOLDER,
+    IM_END,
+    REGION_END,
+    REGION_START,
+    VISION_END,
+    VISION_START,
+    X_TOKENS,
+    Y_TOKENS,
+    Cells,
+    PromptMode,
+    build_question,
+    region_box,
+    second_round_user_text,
+)
+from .synthetic import Item
+
+IGNORE = -100
+Route = Literal["region", "reencode", "answer"]
+DINO = BRANCHES["dino"]
+
+
+@dataclass
+class Example:
+    """One training conversation."""
+
+    input_ids: torch.Tensor  # (L,)
+    labels: torch.Tensor  # (L,), IGNORE outside assistant turns
+    pixel_values: torch.Tensor  # (P, 1176): the global image, then the crop if any
+    image_grid_thw: torch.Tensor  # (n_images, 3)
+    detection_images: torch.Tensor | None  # (1, 3, 224, 224) for the reencode route
+
+
+def route(item: Item, mode: PromptMode) -> Route:
+    """What the assistant does first for ``item`` under prompt ``mode``."""
+    if mode == "free":
+        return "region" if item.family == "fine_detail" else "answer"
+    return {"region": "region", "reencode": "reencode", "direct": "answer"}[mode]
+
+
+def region_text(cells: Cells) -> str:
+    """Region tokens naming every cell column, then every cell row, of ``cells``."""
+    x0, y0, x1, y1 = cells
+    return REGION_START + "".join(X_TOKENS[x0 : x1 + 1]) + "".join(Y_TOKENS[y0 : y1 + 1]) + REGION_END
+
+
+def build_example(
+    item: Item,
+    mode: PromptMode,
+    tokenizer,
+    *,
+    system_prompt: str = DEFAULT_SYSTEM,
+    action_labels: bool = True,
+) -> Example:
+    """The training conversation of ``item`` under prompt ``mode``.
+
+    Supervised: every assistant token and each assistant turn's ``<|im_end|>``. ``action_labels=False``
+    masks ``<|detection_action|><|detection_action_end|>`` as the reference training does (its
+    generate forces the action token after the start token); `VPTSession` forces nothing and stops
+    at the action end, so a model it serves must learn to emit them (the default).
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def add(text: str | list[int], supervised: bool = False) -> None:
+        new = text if isinstance(text, list) else tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(new)
+        labels.extend(new if supervised else [IGNORE] * len(new))
+
+    def vision(n_tokens: int, pad: str = IMAGE_PAD) -> str:
+        return VISION_START + pad * n_tokens + VISION_END
+
+    kind = route(item, mode)
+    images = [item.image]
+    if kind == "region":
+        images.append(crop(item.image, region_box(item.cells, item.size)[1]))
+    pixel_values, grid = qwen_pixel_values(images)
+
+    add(f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n{vision(num_image_tokens(grid[0]))}\n")
+    add(encode_user_text(tokenizer, build_question(item.question, mode)))
+    add("<|im_end|>\n<|im_start|>assistant\n")
+    detection_images = None
+    if kind == "reencode":
+        add(DINO.action_start, supervised=True)
+        add(DINO.action + DINO.action_end, supervised=action_labels)
+        add(IM_END, supervised=True)
+        add(f"\n<|im_start|>user\n{vision(DINO.num_placeholders(), DINO.image_pad)}<|im_end|>\n<|im_start|>assistant\n")
+        detection_images = preprocess_dino(item.image)[None]
+    elif kind == "region":
+        add(region_text(item.cells) + IM_END, supervised=True)
+        crop_turn = second_round_user_text(1).replace(IMAGE_PLACEHOLDER, vision(num_image_tokens(grid[1])))
+        add(f"\n<|im_start|>user\n{crop_turn}<|im_end|>\n<|im_start|>assistant\n")
+    add(item.answer + IM_END, supervised=True)
+    return Example(torch.tensor(ids), torch.tensor(labels), pixel_values, grid, detection_images)
