@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-OURS = README[README.index("## CLI") :]  # the sections this test covers
+OURS = README[README.index("## CLI") : README.index("## The model")]  # the graph sections
+MODEL_PYTHON = re.findall(r"```python\n(.*?)```", README[README.index("## The model") :], flags=re.S)
 BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", OURS, flags=re.S)
 PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 COMMANDS = [
@@ -84,3 +86,17 @@ def test_readme_cli_command(photo_dir):
     result = json.loads(done.stdout)
     assert set(result) == {"answer", "actions", "regions", "steps", "error"}
     assert Image.open(photo_dir / "trace.png").format == "PNG"
+
+
+def test_readme_model_loading_example(tmp_path):
+    """The model section's snippet, on a saved tiny checkpoint and the CPU instead of a released one."""
+    from vpt_agent.model.tiny import tiny_vpt_model
+
+    model, tokenizer = tiny_vpt_model()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (code,) = MODEL_PYTHON
+    code = code.replace("path/to/Qwen2-VL-2b-VPT-Det", str(tmp_path)).replace('"cuda"', '"cpu"')
+    ns, _ = _run(code)
+    assert ns["model"].dtype == torch.bfloat16
+    assert ns["tokenizer"].convert_tokens_to_ids("<|x_0|>") == tokenizer.convert_tokens_to_ids("<|x_0|>")
