@@ -5,7 +5,7 @@ suffix), then either the answer, or a perception round and the answer:
 
 * region: the assistant emits the item's region cells (every covered ``<|x_i|>``, then every
   ``<|y_j|>``) and ``<|im_end|>``; the next user turn shows the crop (region box with the parser's
-  one-cell margin) at full resolution;
+  one-cell margin; a single object's crop fits in 512 px, so it keeps full resolution);
 * reencode: the assistant emits ``<|detection_action_start|><|detection_action|><|detection_action_end|>``
   and ``<|im_end|>``; the next user turn holds the 256 ``<|detection_image_pad|>`` placeholders that
   the conditioned DINO features replace (`detection_images` input).
@@ -48,6 +48,10 @@ from .synthetic import Item
 IGNORE = -100
 Route = Literal["region", "reencode", "answer"]
 DINO = BRANCHES["dino"]
+ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+"""Closes a user turn and opens the assistant's."""
+NEXT_USER = "\n<|im_start|>user\n"
+"""Follows an assistant turn's ``<|im_end|>``."""
 
 
 @dataclass
@@ -74,6 +78,13 @@ def region_text(cells: Cells) -> str:
     return REGION_START + "".join(X_TOKENS[x0 : x1 + 1]) + "".join(Y_TOKENS[y0 : y1 + 1]) + REGION_END
 
 
+def prompt_ids(tokenizer, question: str, image_tokens: int, *, system_prompt: str = DEFAULT_SYSTEM) -> list[int]:
+    """Round 1 as `VPTSession.start` builds it: system turn, user turn (image, "\\n", question), and
+    the opened assistant turn. ``question`` already carries its mode's suffix."""
+    head = f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n{_vision(image_tokens)}\n"
+    return [*_ids(tokenizer, head), *encode_user_text(tokenizer, question), *_ids(tokenizer, ASSISTANT)]
+
+
 def build_example(
     item: Item,
     mode: PromptMode,
@@ -89,36 +100,39 @@ def build_example(
     generate forces the action token after the start token); `VPTSession` forces nothing and stops
     at the action end, so a model it serves must learn to emit them (the default).
     """
-    ids: list[int] = []
-    labels: list[int] = []
-
-    def add(text: str | list[int], supervised: bool = False) -> None:
-        new = text if isinstance(text, list) else tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids.extend(new)
-        labels.extend(new if supervised else [IGNORE] * len(new))
-
-    def vision(n_tokens: int, pad: str = IMAGE_PAD) -> str:
-        return VISION_START + pad * n_tokens + VISION_END
-
     kind = route(item, mode)
     images = [item.image]
     if kind == "region":
         images.append(crop(item.image, region_box(item.cells, item.size)[1]))
     pixel_values, grid = qwen_pixel_values(images)
+    ids = prompt_ids(tokenizer, build_question(item.question, mode), num_image_tokens(grid[0]),
+                     system_prompt=system_prompt)
+    labels = [IGNORE] * len(ids)
 
-    add(f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n{vision(num_image_tokens(grid[0]))}\n")
-    add(encode_user_text(tokenizer, build_question(item.question, mode)))
-    add("<|im_end|>\n<|im_start|>assistant\n")
+    def add(text: str, supervised: bool = False) -> None:
+        new = _ids(tokenizer, text)
+        ids.extend(new)
+        labels.extend(new if supervised else [IGNORE] * len(new))
+
     detection_images = None
     if kind == "reencode":
         add(DINO.action_start, supervised=True)
         add(DINO.action + DINO.action_end, supervised=action_labels)
         add(IM_END, supervised=True)
-        add(f"\n<|im_start|>user\n{vision(DINO.num_placeholders(), DINO.image_pad)}<|im_end|>\n<|im_start|>assistant\n")
+        add(f"{NEXT_USER}{_vision(DINO.num_placeholders(), DINO.image_pad)}{ASSISTANT}")
         detection_images = preprocess_dino(item.image)[None]
     elif kind == "region":
         add(region_text(item.cells) + IM_END, supervised=True)
-        crop_turn = second_round_user_text(1).replace(IMAGE_PLACEHOLDER, vision(num_image_tokens(grid[1])))
-        add(f"\n<|im_start|>user\n{crop_turn}<|im_end|>\n<|im_start|>assistant\n")
+        crop_turn = second_round_user_text(1).replace(IMAGE_PLACEHOLDER, _vision(num_image_tokens(grid[1])))
+        add(f"{NEXT_USER}{crop_turn}{ASSISTANT}")
     add(item.answer + IM_END, supervised=True)
     return Example(torch.tensor(ids), torch.tensor(labels), pixel_values, grid, detection_images)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """Template text (special tokens recognised)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _vision(n_tokens: int, pad: str = IMAGE_PAD) -> str:
+    return VISION_START + pad * n_tokens + VISION_END

@@ -11,8 +11,8 @@ Question families (short questions, short answers):
 * ``fine_detail``: "What character is in the red circle?" -> the glyph;
 * ``spatial``: "Is the red circle left of the blue square?" -> yes / no (global view suffices);
 * ``counting``: "How many triangles are there?" / "How many red shapes are there?" -> a digit;
-* ``existence``: "Is there a green triangle?" -> yes / no; half are POPE-like hard negatives
-  (the colour and the shape both occur, never together).
+* ``existence``: "Is there a green triangle?" -> yes / no; the "no" half are POPE-like hard
+  negatives whenever the scene allows (the colour and the shape both occur, never together).
 
 Region targets (``Item.cells``) are the grid cells covering ``Item.box``, the union of the
 objects the question is about (the target of fine_detail, both objects of spatial, the counted
@@ -21,7 +21,6 @@ is the whole image, as the released models emit a region for every question in r
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -163,13 +162,12 @@ def _scene(rng: np.random.Generator) -> tuple[Image.Image, list[SceneObject]]:
 
 def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A muted base colour, large soft (mostly light/dark) blotches and fine luminance grain."""
-    base = rng.integers(120, 215, size=3)
     shape = (height // 96 + 2, width // 96 + 2)
-    blotches = rng.integers(-35, 36, size=(*shape, 1), dtype=np.int16) + rng.integers(-15, 16, size=(*shape, 3), dtype=np.int16)
-    blotch_image = Image.fromarray((blotches + 128).astype(np.uint8)).resize((width, height), Image.BILINEAR)
-    grain = rng.integers(-12, 13, size=(height, width, 1), dtype=np.int16)
-    pixels = np.asarray(blotch_image, dtype=np.int16) - 128 + grain + base.astype(np.int16)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    blotches = rng.integers(120, 215, size=3) + rng.integers(-35, 36, size=(*shape, 1))
+    blotches += rng.integers(-15, 16, size=(*shape, 3))
+    smooth = Image.fromarray(np.clip(blotches, 12, 231).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    pixels = np.asarray(smooth) + rng.integers(0, 25, size=(height, width, 1), dtype=np.uint8)  # no overflow
+    return Image.fromarray(pixels - np.uint8(12))
 
 
 def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int) -> None:

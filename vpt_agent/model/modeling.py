@@ -271,8 +271,8 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
         """Reference pass 1: hidden state at the token before each action token (the action start)."""
         positions = torch.cat([actions[b].nonzero()[:, 1] for b in branches])
         end = int(positions.max())  # h at end-1 is the last one needed
-        ids1 = input_ids[:, :end]
-        e1 = self._inject(ids1, embeds[:, :end], raw, injected, {})
+        # inject over whole rows (another row's placeholder run may straddle `end`), then cut
+        e1 = self._inject(input_ids, embeds, raw, injected, {})[:, :end]
         mask1 = attention_mask[:, :end] if isinstance(attention_mask, torch.Tensor) else None
         h1 = self.model.language_model(
             inputs_embeds=e1, attention_mask=mask1, position_ids=position_ids[:, :, :end], use_cache=False

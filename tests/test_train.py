@@ -1,0 +1,145 @@
+"""Training conversations equal what `VPTSession` builds; labels; a few steps lower the loss;
+train() saves a loadable bundle and resumes exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vpt_agent.data.conversations import IGNORE, build_example, region_text
+from vpt_agent.data.synthetic import generate
+from vpt_agent.model.loading import load_tokenizer
+from vpt_agent.model.modeling import VPTForConditionalGeneration
+from vpt_agent.model.session import VPTSession
+from vpt_agent.model.tiny import TINY_DINO, tiny_vpt_model
+from vpt_agent.perception.crop import crop
+from vpt_agent.perception.qwen_image import qwen_pixel_values
+from vpt_agent.perception.reencode import branch_features
+from vpt_agent.tokens import BRANCHES, IM_END, build_question, parse_actions
+from vpt_agent.train import Conversations, TrainArgs, collate, demo_config, train, train_step
+
+TINY = dict(  # demo_config overrides: a model that trains in seconds on a CPU
+    hidden=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+    vision_config={"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 32,
+                   "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    detection_encoder_config=dict(TINY_DINO, num_hidden_layers=1),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_vpt_model(branches=("dino",), seed=0)
+
+
+@pytest.fixture(scope="module")
+def item():
+    return generate(0, 1, ("fine_detail",))[0]
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("mode", ["region", "reencode", "free", "direct"])
+def test_conversation_equals_the_session_layout(tiny, item, mode):
+    """The session, forced to the example's assistant turns, holds exactly the example's ids."""
+    model, tokenizer = tiny
+    example = build_example(item, mode, tokenizer)
+    session = VPTSession(model, tokenizer)
+    session.start([item.image], [build_question(item.question, mode)])
+    answer = ids(tokenizer, item.answer + IM_END)
+    if mode == "direct":
+        session.generate(len(answer), forced={0: answer})
+    elif mode == "reencode":
+        session.generate(3, forced={0: ids(tokenizer, BRANCHES["dino"].action_text)})
+        session.add_reencode(0, "dino", branch_features(model, "dino", item.image))
+        session.generate(len(answer), forced={0: answer})
+    else:  # region, and free on fine_detail
+        turn = session.generate(24, forced={0: ids(tokenizer, region_text(item.cells) + IM_END)})[0]
+        regions = parse_actions(turn.text, item.size).regions
+        session.add_regions(0, [crop(item.image, r.box) for r in regions])
+        session.generate(len(answer), forced={0: answer})
+        pixel_values, grid = qwen_pixel_values([item.image, crop(item.image, regions[0].box)])
+        assert torch.equal(example.pixel_values, pixel_values) and torch.equal(example.image_grid_thw, grid)
+    assert example.input_ids.tolist() == session.conversation(0)
+
+
+def test_labels_cover_assistant_turns_only(tiny, item):
+    model, tokenizer = tiny
+
+    def supervised(example) -> str:
+        pairs = zip(example.input_ids.tolist(), example.labels.tolist())
+        return tokenizer.decode([token for token, label in pairs if label != IGNORE], skip_special_tokens=False)
+
+    region = build_example(item, "region", tokenizer)
+    assert supervised(region) == region_text(item.cells) + IM_END + item.answer + IM_END
+    dino = BRANCHES["dino"]
+    reencode = build_example(item, "reencode", tokenizer)
+    assert supervised(reencode) == dino.action_text + IM_END + item.answer + IM_END
+    assert reencode.detection_images.shape == (1, 3, 224, 224)
+    reference = build_example(item, "reencode", tokenizer, action_labels=False)
+    assert reference.input_ids.tolist() == reencode.input_ids.tolist()
+    assert supervised(reference) == dino.action_start + IM_END + item.answer + IM_END  # as the reference masks
+    assert supervised(build_example(item, "direct", tokenizer)) == item.answer + IM_END
+    other = generate(0, 8, ("counting",))[0]
+    assert supervised(build_example(other, "free", tokenizer)) == other.answer + IM_END  # free crops fine_detail only
+
+
+def test_a_few_steps_lower_the_loss():
+    """Batches mix every mode, several re-encoding rows among them at different offsets."""
+    tokenizer = tiny_vpt_model(branches=("dino",))[1]
+    torch.manual_seed(0)
+    model = VPTForConditionalGeneration(demo_config(tokenizer, **TINY)).train()
+    data = Conversations(tokenizer, seed=0, length=64)
+    batch = collate([data[i] for i in range(6)], model)
+    assert batch["detection_images"] is not None and batch["detection_images"].shape[0] >= 2
+    assert batch["position_ids"].shape == (3, *batch["input_ids"].shape)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = [float(train_step(model, batch, optimizer)) for _ in range(8)]
+    assert losses[-1] < 0.75 * losses[0]
+
+
+@torch.no_grad()
+def test_batched_rows_equal_their_unbatched_forwards():
+    """Right padding, per-row positions and the action conditions (pass 1) do not mix rows."""
+    tokenizer = tiny_vpt_model(branches=("dino",))[1]
+    torch.manual_seed(0)
+    model = VPTForConditionalGeneration(demo_config(tokenizer, **TINY)).eval()
+    data = Conversations(tokenizer, seed=0, length=64)
+    examples = [data[i] for i in range(6)]
+    batched = model(**collate(examples, model)).logits
+    for row, example in enumerate(examples):
+        alone = model(**collate([example], model)).logits[0]
+        torch.testing.assert_close(batched[row, : len(alone)], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_train_saves_a_bundle_and_resumes_exactly(tmp_path):
+    common = dict(batch_size=2, device="cpu", workers=0, eval_every=0, eval_items=1, log_every=1,
+                  warmup=2, config_overrides=TINY)
+    straight = tmp_path / "straight"
+    result = train(TrainArgs(out=straight, steps=4, **common))
+    assert set(result) >= {"region/fine_detail", "direct/fine_detail", "free/counting", "reencode/spatial",
+                           "region/fine_detail_crop_hit"}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "train_state.pt", "log.jsonl"} <= {
+        p.name for p in straight.iterdir()}
+    model = VPTForConditionalGeneration.from_pretrained(straight)
+    assert load_tokenizer(straight).get_vocab() == tiny_vpt_model(branches=("dino",))[1].get_vocab()
+
+    split = tmp_path / "split"
+    train(TrainArgs(out=split, steps=2, **common))
+    train(TrainArgs(out=split, steps=4, resume=split, **common))
+    resumed = VPTForConditionalGeneration.from_pretrained(split)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    log = [json.loads(line) for line in (split / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_minutes_stop_training_and_still_save(tmp_path):
+    train(TrainArgs(out=tmp_path, steps=1000, minutes=1e-4, batch_size=1, device="cpu", workers=0,
+                    eval_every=0, eval_items=1, config_overrides=TINY))
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert 1 <= state["step"] < 1000
+    assert (tmp_path / "model.safetensors").is_file()

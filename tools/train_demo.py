@@ -1,0 +1,37 @@
+"""Train the bundled demo VPT model on the synthetic benchmark (see vpt_agent/train.py).
+
+    python3 tools/train_demo.py --device cuda --minutes 5.5 --out demo_ckpt
+
+writes demo_ckpt/{model.safetensors,config.json,tokenizer*} (the bundle), train_state.pt (for
+--resume) and log.jsonl (loss, lr, throughput, evaluations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+
+from vpt_agent.train import TrainArgs, train
+
+
+def main() -> None:
+    defaults = TrainArgs(out=Path("demo_ckpt"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=defaults.out, help="checkpoint directory")
+    parser.add_argument("--resume", type=Path, help="continue from this checkpoint directory (its train_state.pt)")
+    parser.add_argument("--minutes", type=float, help="stop training after this many minutes (then save and evaluate)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=defaults.device)
+    for name in ("steps", "batch_size", "warmup", "seed", "workers", "eval_every", "eval_items", "log_every"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("lr", "weight_decay"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs again in forked workers
+    result = train(TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs) if hasattr(args, f.name)}))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""Supervised training of the bundled demo model: a small Qwen2-VL VPT model with a DINO branch,
+trained from scratch on the synthetic benchmark's conversations (all four prompt modes).
+
+Conversations are generated on the fly by DataLoader workers (item ``i`` of the stream is a
+function of the seed and ``i``, so a resumed run sees the batches it would have seen). The
+learning rate warms up linearly, then follows a cosine to 10 % over whichever ends first, the
+step budget or the time budget. `evaluate` answers held-out items greedily through `VPTSession`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .data.conversations import IGNORE, Example, build_example, prompt_ids
+from .data.synthetic import FAMILIES, Family, Item, make_item
+from .model.config import VPTConfig
+from .model.loading import load_tokenizer
+from .model.modeling import VPTForConditionalGeneration
+from .model.reference import recompute_greedy, rope_index
+from .model.session import VPTSession
+from .model.tiny import TINY_DINO, tiny_config
+from .model.tokenizer import build_char_tokenizer
+from .perception.crop import crops
+from .perception.qwen_image import num_image_tokens, qwen_pixel_values
+from .perception.reencode import branch_features
+from .tokens import BRANCHES, REGION_START, PromptMode, build_question, parse_actions
+
+MODES: dict[PromptMode, float] = {"region": 0.35, "reencode": 0.2, "free": 0.25, "direct": 0.2}
+"""Prompt mode mix. free and direct share the unsuffixed prompt: on fine_detail the model learns
+to prefer a region (free) and, with region tokens suppressed, to guess from the global view."""
+FAMILY_MIX: dict[Family, float] = {"fine_detail": 0.4, "spatial": 0.2, "counting": 0.2, "existence": 0.2}
+TRAIN_STATE = "train_state.pt"
+
+
+def demo_config(tokenizer, **overrides) -> VPTConfig:
+    """The demo architecture (4.3 M parameters, 17 MB in fp32): ViT 6x128, LLM 4x192, DINO 4x128;
+    ``overrides`` replace config fields (tests train smaller ones)."""
+    hidden = 192
+    fields = dict(
+        branches=("dino",),
+        hidden=hidden,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},  # head_dim 32
+        vision_config={"depth": 6, "embed_dim": 128, "num_heads": 4, "mlp_ratio": 4, "hidden_size": hidden,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        detection_encoder_config={**TINY_DINO, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4},
+        initializer_range=0.02,
+    )
+    return tiny_config(tokenizer, **{**fields, **overrides})
+
+
+@dataclass
+class TrainArgs:
+    out: Path
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1.5e-3
+    warmup: int = 150
+    weight_decay: float = 0.05
+    minutes: float | None = None
+    device: str = "cuda"
+    seed: int = 0
+    workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1) - 2))
+    eval_every: int = 1000
+    eval_items: int = 32
+    log_every: int = 10
+    resume: Path | None = None
+    config_overrides: dict = field(default_factory=dict)
+    """`demo_config` overrides for a new model."""
+
+
+# ----------------------------------------------------------------------------------------- data
+class Conversations(Dataset):
+    """Training conversation ``i``: item ``i`` of the stream ``seed`` (family drawn from FAMILY_MIX)
+    in a prompt mode drawn from MODES."""
+
+    def __init__(self, tokenizer, seed: int, length: int):
+        self.tokenizer, self.seed, self.length = tokenizer, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Example:
+        rng = np.random.default_rng([self.seed, index, 1])  # independent of the item's own stream
+        family = str(rng.choice(list(FAMILY_MIX), p=list(FAMILY_MIX.values())))
+        mode = str(rng.choice(list(MODES), p=list(MODES.values())))
+        return build_example(make_item(self.seed, index, (family,)), mode, self.tokenizer)
+
+
+def collate(examples: list[Example], model: VPTForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """Right-padded batch with M-RoPE `position_ids` (3, B, L); `model` (on the CPU) only numbers them.
+
+    Image inputs travel as float16, which halves what workers hand to the training process.
+    """
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), model.config.text_config.pad_token_id)
+    labels = torch.full((len(examples), length), IGNORE)
+    attention_mask = torch.zeros(len(examples), length, dtype=torch.long)
+    for row, e in enumerate(examples):
+        input_ids[row, : len(e.input_ids)] = e.input_ids
+        labels[row, : len(e.labels)] = e.labels
+        attention_mask[row, : len(e.input_ids)] = 1
+    grid = torch.cat([e.image_grid_thw for e in examples])
+    detection = [e.detection_images for e in examples if e.detection_images is not None]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        # with right padding, numbering the batch at once gives each row its own rope_index
+        "position_ids": rope_index(model, input_ids, grid),
+        "pixel_values": torch.cat([e.pixel_values for e in examples]).half(),
+        "image_grid_thw": grid,
+        "detection_images": torch.cat(detection).half() if detection else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def answer_in_session(model, tokenizer, items: list[Item], mode: PromptMode) -> tuple[list[str], list[bool]]:
+    """Greedy answers through `VPTSession` with at most one perception round, as the graph runs it;
+    also whether each crop holds the item's box (False without a crop)."""
+    device = next(model.parameters()).device
+    images = [item.image.to(device) for item in items]
+    session = VPTSession(model, tokenizer)
+    session.start(images, [build_question(item.question, mode) for item in items])
+    first = session.generate(24)
+    final, hits = dict(first), [False] * len(items)
+    for row, (item, image) in enumerate(zip(items, images)):
+        parsed = parse_actions(first[row].text, item.size, allowed_branches=set(model.config.branches))
+        if parsed.kind == "region":
+            boxes = [region.box for region in parsed.regions]
+            hits[row] = item.box is not None and any(_contains(box, item.box) for box in boxes)
+            session.add_regions(row, crops(image, boxes))
+        elif parsed.kind == "reencode" and (spec := parsed.reencode.spec).action_start + spec.action in first[row].text:
+            session.add_reencode(row, spec.name, branch_features(model, spec.name, image))
+        else:
+            session.finish(row)
+    final.update(session.generate(8))
+    return [tokenizer.decode(final[row].token_ids, skip_special_tokens=True).strip() for row in range(len(items))], hits
+
+
+@torch.no_grad()
+def answer_directly(model, tokenizer, items: list[Item]) -> list[str]:
+    """Greedy answers to the unsuffixed question with every perception request suppressed: what
+    the global view alone gives (on fine_detail the demo model would otherwise crop)."""
+    device = next(model.parameters()).device
+    cfg = model.config
+    starts = [tokenizer.convert_tokens_to_ids(t) for t in (REGION_START, *(b.action_start for b in BRANCHES.values()))]
+    placeholders = [cfg.image_token_id, cfg.video_token_id, *(getattr(cfg, b.pad_field) for b in BRANCHES.values())]
+    answers = []
+    for item in items:
+        pixel_values, grid = qwen_pixel_values([item.image.to(device)])
+        ids = prompt_ids(tokenizer, build_question(item.question, "direct"), num_image_tokens(grid))
+        new = recompute_greedy(model, ids, stop_ids={cfg.para_end_id}, max_new_tokens=6,
+                               suppressed=placeholders + starts, pixel_values=pixel_values, image_grid_thw=grid)
+        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return answers
+
+
+def evaluate(model, tokenizer, items: list[Item], modes: tuple[PromptMode, ...] = ("region", "direct")) -> dict:
+    """Accuracy per mode and family (exact answer match), and how often region mode's crop holds the target."""
+    was_training = model.training
+    model.eval()
+    result: dict = {}
+    for mode in modes:
+        if mode == "direct":
+            answers, hits = answer_directly(model, tokenizer, items), None
+        else:
+            answers, hits = answer_in_session(model, tokenizer, items, mode)
+        for family in sorted({item.family for item in items}):
+            rows = [i for i, item in enumerate(items) if item.family == family]
+            result[f"{mode}/{family}"] = sum(answers[i] == items[i].answer for i in rows) / len(rows)
+            if mode == "region" and family == "fine_detail":
+                result["region/fine_detail_crop_hit"] = sum(hits[i] for i in rows) / len(rows)
+    model.train(was_training)
+    return result
+
+
+def _contains(outer, inner) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
+
+
+# ---------------------------------------------------------------------------------------- train
+def lr_at(step: int, progress: float, args: TrainArgs) -> float:
+    """Linear warmup over `args.warmup` steps, then cosine from `args.lr` to 10 % over `progress` 0..1."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_step(model, batch: dict[str, torch.Tensor | None], optimizer) -> torch.Tensor:
+    """One optimizer step on a collated batch (bf16 autocast on cuda); returns the detached loss."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def save(out: Path, model, tokenizer, optimizer, step: int, elapsed: float) -> None:
+    """The bundle (model.safetensors, config.json, tokenizer) plus train_state.pt for --resume."""
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed}, out / TRAIN_STATE)
+
+
+def load_or_init(args: TrainArgs) -> tuple[VPTForConditionalGeneration, object, dict]:
+    """(model on the CPU, tokenizer, train state) from `args.resume`, or a new demo model."""
+    if args.resume:
+        state = torch.load(args.resume / TRAIN_STATE, weights_only=True)
+        return VPTForConditionalGeneration.from_pretrained(args.resume), load_tokenizer(args.resume), state
+    tokenizer = build_char_tokenizer()
+    model = VPTForConditionalGeneration(demo_config(tokenizer, **args.config_overrides))
+    return model, tokenizer, {"step": 0, "elapsed": 0.0}
+
+
+def train(args: TrainArgs) -> dict:
+    """Train (or resume) and save to `args.out`; returns the final evaluation. `args.minutes` bounds
+    the training time of all runs of this checkpoint together."""
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device(args.device)
+    model, tokenizer, state = load_or_init(args)
+    start = step = state["step"]
+    loader = DataLoader(
+        Conversations(tokenizer, args.seed, args.steps * args.batch_size),
+        batch_size=args.batch_size,
+        sampler=range(start * args.batch_size, args.steps * args.batch_size),
+        collate_fn=partial(collate, model=model),
+        num_workers=args.workers,
+        prefetch_factor=2 if args.workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)  # workers start now, each with a CPU copy of the model to number positions
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    eval_items = [make_item(args.seed + 1, i, ("fine_detail",)) for i in range(args.eval_items)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = (args.out / "log.jsonl").open("a")
+    budget = args.minutes * 60 if args.minutes else math.inf
+    t0 = time.perf_counter()
+
+    def elapsed() -> float:
+        return state["elapsed"] + time.perf_counter() - t0
+
+    def fresh() -> dict:  # what the next log line averages over
+        return {"t": time.perf_counter(), "wait": 0.0, "loss": torch.zeros((), device=device), "steps": 0}
+
+    window = fresh()
+    bar = tqdm(total=args.steps, initial=step, mininterval=5, dynamic_ncols=True)
+    while step < args.steps and elapsed() < budget:
+        lr = lr_at(step, max(step / args.steps, elapsed() / budget), args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t_wait = time.perf_counter()
+        batch = next(batches)
+        window["wait"] += time.perf_counter() - t_wait
+        window["loss"] += train_step(model, batch, optimizer)
+        window["steps"] += 1
+        step += 1
+        bar.update()
+        if step % args.log_every == 0:
+            seconds, n = time.perf_counter() - window["t"], window["steps"]
+            record = {"step": step, "loss": window["loss"].item() / n, "lr": lr,
+                      "items_per_s": n * args.batch_size / seconds, "data_wait": window["wait"] / seconds,
+                      "elapsed_s": elapsed()}
+            window = fresh()
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", items_s=f"{record['items_per_s']:.0f}",
+                            wait=f"{record['data_wait']:.0%}")
+            if step - start == 3 * args.log_every:  # past the workers' start-up: what to extrapolate from
+                tqdm.write(f"throughput: {record['items_per_s']:.0f} items/s ({seconds / n:.3f} s/step), "
+                           f"data wait {record['data_wait']:.0%}")
+        if args.eval_every and step % args.eval_every == 0:
+            result = evaluate(model, tokenizer, eval_items)
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+            log.write(json.dumps({"step": step, "eval": result}) + "\n")
+            save(args.out, model, tokenizer, optimizer, step, elapsed())
+            window = fresh()  # throughput counts training only
+    bar.close()
+    save(args.out, model, tokenizer, optimizer, step, elapsed())
+    final_items = [make_item(args.seed + 1, i, (family,)) for family in FAMILIES for i in range(args.eval_items)]
+    result = evaluate(model, tokenizer, final_items, ("region", "free", "reencode", "direct"))
+    log.write(json.dumps({"step": step, "final_eval": result, "args": asdict(args)}, default=str) + "\n")
+    log.close()
+    return result
