@@ -309,6 +309,6 @@ def test_region_box_is_inside_and_covers_the_selection(cells, size):
 
 @given(CELLS, st.tuples(st.integers(1, 7), st.integers(1, 7)))
 def test_region_box_on_tiny_images_stays_inside(cells, size):
-    """Below 8 px a side the truncated box may be empty, but never leaves the image."""
+    """Below 8 px a side the truncated box would be empty; it keeps 1 px and never leaves the image."""
     _, (x0, y0, x1, y1) = region_box(cells, size)
-    assert 0 <= x0 <= x1 <= size[0] and 0 <= y0 <= y1 <= size[1]
+    assert 0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]

@@ -4,6 +4,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .errors import (
+    BadImageError,
+    BadModelOutputError,
+    BadQuestionError,
+    CheckpointError,
+    ConfigError,
+    InputMismatchError,
+    MissingBranchError,
+    ModelError,
+    PerceptionLimitError,
+    VPTError,
+)
+
 # Public names, imported on first use so that `import vpt_agent.tokens` stays light.
 _EXPORTS = {
     "build_graph": "vpt_agent.graph",
@@ -17,7 +30,19 @@ _EXPORTS = {
     "result_json": "vpt_agent.state",
     "with_image_serde": "vpt_agent.state",
 }
-__all__ = sorted(_EXPORTS)
+_ERRORS = [
+    "BadImageError",
+    "BadModelOutputError",
+    "BadQuestionError",
+    "CheckpointError",
+    "ConfigError",
+    "InputMismatchError",
+    "MissingBranchError",
+    "ModelError",
+    "PerceptionLimitError",
+    "VPTError",
+]
+__all__ = sorted([*_EXPORTS, *_ERRORS])
 
 if TYPE_CHECKING:
     from .configuration import VPTOptions

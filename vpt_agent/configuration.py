@@ -35,9 +35,13 @@ class VPTOptions(BaseModel):
     after it unless it ends with a stop token), e.g.
     ``("<|region_token_start|><|x_2|><|y_5|><|region_token_end|>",)``: runs any route on any weights."""
     system_prompt: str = DEFAULT_SYSTEM
+    """Trusted text, like `force`: special tokens in it are read as tokens (never so in the question)."""
     max_pixels: int = Field(MAX_PIXELS, ge=1)
     max_side: int = Field(MAX_SIDE, ge=1)
     max_question_chars: int = Field(MAX_QUESTION_CHARS, ge=1)
+    truncate_question: bool = False
+    """A longer question is rejected (BadQuestionError), or with this cut to `max_question_chars`
+    characters and answered, the cut recorded as the run's error."""
 
     @classmethod
     def build(cls, **values: Any) -> VPTOptions:

@@ -34,5 +34,10 @@ class InputMismatchError(VPTError, ValueError):
     """Model inputs disagree with each other (e.g. placeholder count vs. features given)."""
 
 
+class ModelError(VPTError, RuntimeError):
+    """Running the model or a perception tool failed (e.g. out of memory); the original exception
+    is its ``__cause__``, and a checkpointed run can be retried from its last checkpoint."""
+
+
 class PerceptionLimitError(VPTError):
     """The model asked for perception the run does not allow (step bound reached or action disabled)."""

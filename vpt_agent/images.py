@@ -18,7 +18,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BadImageError, BadQuestionError
 
@@ -57,15 +57,22 @@ def load_image(obj: ImageInput, *, max_pixels: int = MAX_PIXELS, max_side: int =
     )
 
 
-def validate_question(q: object, *, max_chars: int = MAX_QUESTION_CHARS) -> str:
-    """The question stripped of surrounding whitespace; `BadQuestionError` if unusable."""
+def validate_question(q: object, *, max_chars: int = MAX_QUESTION_CHARS, truncate: bool = False) -> str:
+    """The question stripped of surrounding whitespace; `BadQuestionError` if unusable. A question
+    longer than `max_chars` is rejected, or cut to its first `max_chars` characters if `truncate`."""
     if not isinstance(q, str):
         raise BadQuestionError(f"the question must be a string, got {type(q).__name__}")
     q = q.strip()
     if not q:
         raise BadQuestionError("the question is empty")
     if len(q) > max_chars:
-        raise BadQuestionError(f"the question has {len(q)} characters; the limit is {max_chars}")
+        if not truncate:
+            raise BadQuestionError(f"the question has {len(q)} characters; the limit is {max_chars}")
+        q = q[:max_chars]
+    try:
+        q.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates, e.g. from JSON "\ud800" escapes
+        raise BadQuestionError(f"the question is not valid Unicode text (a lone surrogate at {exc.start})") from None
     return q
 
 
@@ -95,10 +102,15 @@ def _data_url_bytes(url: str) -> bytes:
 
 
 def _existing_file(path: Path) -> Path:
-    path = path.expanduser()
-    if path.is_dir():
+    try:
+        path = path.expanduser()
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, RuntimeError) as exc:  # a name too long (base64 without "data:"?), an unknown ~user
+        reason = getattr(exc, "strerror", None) or exc
+        raise BadImageError(f"not a usable image path ({reason}): {str(path)[:80]!r}") from None
+    if is_dir:
         raise BadImageError(f"{path} is a directory, not an image file")
-    if not path.is_file():
+    if not is_file:
         raise BadImageError(f"no such image file: {path}")
     return path
 
@@ -125,6 +137,8 @@ def _decode(source: Path | io.BytesIO, max_pixels: int, max_side: int) -> torch.
         raise BadImageError(f"decompression bomb: {exc}") from None
     except PermissionError:
         raise BadImageError(f"cannot read {source}: permission denied") from None
+    except UnidentifiedImageError:
+        raise BadImageError("not a readable image: unknown format or corrupt header") from None
     except Exception as exc:  # PIL raises many types on foreign data (OSError, SyntaxError, ...)
         raise BadImageError(f"not a readable image: {exc}") from None
     with image:
@@ -134,7 +148,7 @@ def _decode(source: Path | io.BytesIO, max_pixels: int, max_side: int) -> torch.
 
 def _from_pil(image: Image.Image, max_pixels: int, max_side: int) -> torch.Tensor:
     try:
-        if getattr(image, "n_frames", 1) > 1:
+        if image.tell():  # a multi-frame image left at a later frame (n_frames would scan the file)
             image.seek(0)
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -155,7 +169,8 @@ def _pil_rgb_array(image: Image.Image) -> np.ndarray:
         gray = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257.0
         return _gray_to_rgb(np.round(gray).astype(np.uint8))
     if mode == "F":  # float gray: [0, 1] scaled, otherwise taken as 0..255
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        with np.errstate(invalid="ignore"):  # signalling NaNs warn when widened
+            values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
         if values.size and values.min() >= 0.0 and values.max() <= 1.0:
             values = values * 255.0
         return _gray_to_rgb(np.round(np.clip(values, 0, 255)).astype(np.uint8))

@@ -7,18 +7,29 @@ the tool again). A run therefore resumes from any checkpoint, in any process.
 """
 from __future__ import annotations
 
+import functools
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from langchain_core.runnables import RunnableConfig
 from langgraph.config import get_stream_writer
+from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END
 from langgraph.types import Overwrite
 
 from .configuration import VPTOptions
-from .errors import BadImageError, BadModelOutputError, BadQuestionError, InputMismatchError, PerceptionLimitError
+from .errors import (
+    BadImageError,
+    BadModelOutputError,
+    BadQuestionError,
+    InputMismatchError,
+    ModelError,
+    PerceptionLimitError,
+    VPTError,
+)
 from .images import image_key, load_image, to_png, validate_question
 from .model.session import Turn, VPTSession
 from .perception.crop import crops
@@ -29,6 +40,22 @@ from .tokens import BRANCHES, ParsedOutput, build_question, parse_actions
 
 
 REASK: dict[str, Any] = {"kind": "reask"}
+Node = TypeVar("Node", bound=Callable[..., dict[str, Any]])
+
+
+def _typed_failures(node: Node) -> Node:
+    """Re-raise an unexpected failure of a node (torch, PIL, ...) as `ModelError`, cause kept."""
+
+    @functools.wraps(node)
+    def run(self: VPTNodes, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
+        try:
+            return node(self, state, config)
+        except (VPTError, GraphBubbleUp):
+            raise
+        except Exception as exc:
+            raise ModelError(f"node {node.__name__!r} failed: {type(exc).__name__}: {exc}") from exc
+
+    return run  # type: ignore[return-value]
 
 
 class VPTNodes:
@@ -47,11 +74,17 @@ class VPTNodes:
         reset["pending"] = None
         try:
             image = load_image(state.get("image"), max_pixels=opts.max_pixels, max_side=opts.max_side)
-            question = validate_question(state.get("q"), max_chars=opts.max_question_chars)
+            question = validate_question(
+                state.get("q"), max_chars=opts.max_question_chars, truncate=opts.truncate_question
+            )
         except (BadImageError, BadQuestionError) as exc:
             error = _describe(exc)
             steps = Overwrite([_record("perceive", start, error=error)])
             return {**reset, "answer": "", "error": error, "steps": steps}
+        cut = None  # recorded, and reported as the run's error unless a later one replaces it
+        if dropped := len(state["q"].strip()) - len(question):
+            message = f"the question was cut to its first {len(question)} characters ({dropped} dropped)"
+            cut = _describe(BadQuestionError(message))
         run_id, key = uuid.uuid4().hex, image_key(image)
         run = self.store.run(run_id)
         run.image, run.image_key = image.to(self.device), key
@@ -64,9 +97,10 @@ class VPTNodes:
             "prompt": build_question(question, opts.mode),
             "answer": "",
             "error": None,
-            "steps": Overwrite([_record("perceive", start)]),
+            "steps": Overwrite([_record("perceive", start, error=cut)]),
         }
 
+    @_typed_failures
     def mllm(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
         """Generate one round on the run's KV cache and decide whether a tool runs next."""
         start, opts = time.perf_counter(), self.options.merged(config)
@@ -94,6 +128,7 @@ class VPTNodes:
             update["followups"] = [REASK]
         return update
 
+    @_typed_failures
     def crop(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
         """Cut the selected regions out of the full-resolution image tensor (one user turn)."""
         start, opts = time.perf_counter(), self.options.merged(config)
@@ -104,6 +139,7 @@ class VPTNodes:
         record = _record("crop", start, boxes=boxes)
         return {"actions": [action], "followups": [action], "regions": boxes, "pending": None, "steps": [record]}
 
+    @_typed_failures
     def reencode(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
         """Run the requested branch encoder (dino, sam or clip) on the full-resolution image."""
         start, opts = time.perf_counter(), self.options.merged(config)
@@ -115,10 +151,11 @@ class VPTNodes:
         return {"actions": [action], "followups": [action], "pending": None, "steps": [record]}
 
     def answer(self, state: VPTState) -> dict[str, Any]:
-        """The last round's text without special tokens; free the run's tensors."""
+        """The last round's text without special tokens; free the run's tensors. The run's error is
+        the latest one recorded (a refused request, or a cut question)."""
         start = time.perf_counter()
         text = self.tokenizer.decode(state["turns"][-1], skip_special_tokens=True).strip()
-        error = next((s["error"] for s in reversed(state["steps"]) if s["node"] == "mllm" and s["error"]), None)
+        error = next((s["error"] for s in reversed(state["steps"]) if s["error"]), None)
         self.store.drop(state["run_id"])
         return {"answer": text, "error": error, "steps": [_record("answer", start, text=text)]}
 

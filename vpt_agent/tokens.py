@@ -275,6 +275,8 @@ def region_box(
 
     The box is computed on the original ``(width, height)`` as the reference does: cell size
     ``W / 8`` in float, ``x0 = int(x_min · W/8)``, ``x1 = int((x_max + 1) · W/8)``, same for y.
+    On a side under 8 px, where that can give an empty box (the reference crashes there), the box
+    keeps at least 1 px: ``x1 = max(x1, x0 + 1)``.
     """
     x_min, y_min, x_max, y_max = cells_selected
     if not (0 <= x_min <= x_max < NUM_CUT and 0 <= y_min <= y_max < NUM_CUT):
@@ -286,12 +288,8 @@ def region_box(
         return margin, None
     width, height = _check_image_size(image_size)
     cell_w, cell_h = width / NUM_CUT, height / NUM_CUT
-    box = (
-        int(margin[0] * cell_w),
-        int(margin[1] * cell_h),
-        int((margin[2] + 1) * cell_w),
-        int((margin[3] + 1) * cell_h),
-    )
+    x0, y0 = int(margin[0] * cell_w), int(margin[1] * cell_h)  # < width, < height: margin ≤ 7
+    box = (x0, y0, max(int((margin[2] + 1) * cell_w), x0 + 1), max(int((margin[3] + 1) * cell_h), y0 + 1))
     return margin, box
 
 

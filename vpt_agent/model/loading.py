@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,8 +63,10 @@ def load_config(path: Path, **overrides: Any) -> VPTConfig:
         raise CheckpointError(f"{path} has no config.json")
     try:
         raw = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, not an object")
     model_type = raw.get("model_type")
     if model_type not in (VPTConfig.model_type, "qwen2_vl"):
         raise ConfigError(
@@ -73,7 +74,10 @@ def load_config(path: Path, **overrides: Any) -> VPTConfig:
         )
     raw.update(overrides)
     raw["model_type"] = VPTConfig.model_type
-    config = VPTConfig(**{k: v for k, v in raw.items() if k != "transformers_version"})
+    try:
+        config = VPTConfig(**{k: v for k, v in raw.items() if k != "transformers_version"})
+    except Exception as exc:  # field validation (transformers, huggingface_hub) raises several types
+        raise ConfigError(f"{file}: {' '.join(str(exc).split())}") from exc
     config.validate_vpt()
     return config
 
@@ -82,7 +86,10 @@ def weight_files(path: Path) -> list[Path]:
     """The weight files of a checkpoint: those an index names, else the usual single/sharded names."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
-            names = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            try:
+                names = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, or no weight_map
+                raise CheckpointError(f"{path / index} is not a weight index ({type(exc).__name__}: {exc})") from exc
             missing = [n for n in names if not (path / n).is_file()]
             if missing:
                 raise CheckpointError(f"{path / index} names shards that are missing: {missing}")
@@ -97,18 +104,20 @@ def weight_files(path: Path) -> list[Path]:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory: safetensors (single or sharded) or `.bin` pickles
     (loaded with `weights_only=True`; a pickle that tries to run code is refused)."""
-    files = weight_files(path)
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        if file.suffix == ".safetensors":
-            state.update(load_file(file))
-            continue
+    for file in weight_files(path):
+        safetensors = file.suffix == ".safetensors"
         try:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-            raise CheckpointError(
-                f"refused to load {file.name}: not a plain tensor pickle ({str(exc).splitlines()[0]})"
-            ) from exc
+            part = load_file(file) if safetensors else torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # foreign data fails in many ways (unpickling, zip, header, I/O)
+            kind = "safetensors file" if safetensors else "plain tensor pickle"
+            reason = f"{type(exc).__name__}: " + str(exc).partition("\n")[0]
+            raise CheckpointError(f"refused to load {file.name}: not a {kind} ({reason})") from exc
+        if not isinstance(part, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()
+        ):
+            raise CheckpointError(f"refused to load {file.name}: it does not map names to tensors")
+        state.update(part)
     return state
 
 
