@@ -1,4 +1,5 @@
-"""`vpt-agent ask IMAGE QUESTION`: answer a question about an image with the VPT graph.
+"""`vpt-agent ask IMAGE QUESTION`: answer a question about an image with the VPT graph;
+`vpt-agent eval DATASET.json --out DIR`: score it on a dataset (`vpt_agent.evaluation`).
 
 Errors print one line to stderr and exit 1 (2 for usage errors); warnings print one line each.
 """
@@ -12,13 +13,14 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .errors import VPTError
+from .evaluation.cli import add_eval_parser, run_eval
 
 PROG = "vpt-agent"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        print(f"{PROG}: error: {message} (see {PROG} ask --help)", file=sys.stderr)
+        print(f"{PROG}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -37,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         "--mode", choices=("region", "reencode", "free", "direct"), default="region",
         help="prompt: the paper's region / reencode suffix, free (no suffix) or direct (no perception)",
     )
+    add_eval_parser(commands)
     return parser
 
 
@@ -49,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warn_in_one_line
-            return _ask(args)
+            return _ask(args) if args.command == "ask" else run_eval(args)
     except (VPTError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -1,0 +1,173 @@
+"""`vpt-agent eval` in process: predictions, summaries, modes side by side, bad data, resume, the
+folder's guards, failed items, the judge. (Killed runs and several ranks: test_eval_scale.py.)"""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from vpt_agent.cli import main
+from vpt_agent.evaluation.runner import EvalSpec, PredictionLog, evaluate
+from vpt_agent.model.session import VPTSession
+from vpt_agent.model.tiny import tiny_vpt_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "vpt_datasets"
+TEXTVQA = str(FIXTURES / "TextVQA_region_test.json")
+FIELDS = {"id", "index", "mode", "category", "question", "answer", "ground_truth", "actions", "regions", "score",
+          "error", "timings"}
+REGION = "<|region_token_start|><|x_2|><|y_3|><|region_token_end|>"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    model, tokenizer = tiny_vpt_model()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _eval(dataset: str, out: Path, checkpoint: str, *options: str) -> int:
+    return main(["eval", dataset, "--out", str(out), "--model", checkpoint, "--max-new-tokens", "4",
+                 "--no-progress", *options])
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_predictions_and_summaries_with_modes_side_by_side(checkpoint, tmp_path, capsys):
+    assert _eval(TEXTVQA, tmp_path, checkpoint, "--mode", "region,direct") == 0
+    lines = _lines(tmp_path)
+    assert [(line["mode"], line["index"]) for line in lines] == [("region", i) for i in range(3)] + [
+        ("direct", i) for i in range(3)
+    ]
+    assert all(set(line) == FIELDS for line in lines)
+    assert all(line["score"] in (0.0, 1.0) and line["error"] is None for line in lines)
+    assert lines[0]["ground_truth"] == ["red"] and lines[0]["question"] == "What colour is the sign?"
+    assert set(lines[0]["timings"]["nodes_ms"]) >= {"perceive", "mllm", "answer"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["metric"] == "vqa" and summary["items"] == 3 and list(summary["modes"]) == ["region", "direct"]
+    assert summary["modes"]["direct"]["scored"] == 3 and summary["modes"]["direct"]["perception"] == 0.0
+    markdown = (tmp_path / "summary.md").read_text()
+    assert capsys.readouterr().out == markdown
+    assert "| | region | direct |" in markdown and "| items scored | 3 / 3 | 3 / 3 |" in markdown
+
+
+def test_scores_regions_and_actions_reach_the_lines(checkpoint, tmp_path):
+    spec = EvalSpec(model=checkpoint, max_new_tokens=4, options={"force": (REGION, "red<|im_end|>")})
+    summary = evaluate(TEXTVQA, tmp_path, spec=spec, progress=False)
+    first, second, _ = _lines(tmp_path)
+    assert (first["answer"], first["score"], first["actions"]) == ("red", 1.0, ["region"])
+    assert first["regions"] == [[8, 10, 32, 25]]  # cells x 1-3, y 2-4 of the 64x40 image
+    assert (second["answer"], second["score"]) == ("red", 0.0)
+    assert summary["modes"]["region"]["score"] == pytest.approx(1 / 3)
+    assert summary["modes"]["region"]["perception"] == 1.0
+
+
+def test_bad_data_is_reported_per_item(checkpoint, tmp_path):
+    assert _eval(str(FIXTURES / "bad_data_test.json"), tmp_path, checkpoint) == 0
+    lines = {line["id"]: line for line in _lines(tmp_path)}
+    assert lines["good"]["score"] is not None and lines["good"]["error"] is None
+    assert lines["missing-image"]["error"].startswith("DatasetError: image not found")
+    assert lines["corrupt-image"]["error"].startswith("BadImageError: ")  # found by the graph
+    assert lines["empty-question"]["error"] == "DatasetError: empty question"
+    assert lines["no-answer"]["error"].startswith("DatasetError: no ground truth")
+    assert sum(line["score"] is None for line in lines.values()) == 5 == len(lines) - 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["modes"]["region"]["unusable"] == 5 and summary["modes"]["region"]["scored"] == 1
+    assert summary["dataset_problems"] == ["item 4: duplicate id 'good' (first at item 0), left out"]
+    assert "duplicate id 'good'" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_rerun_skips_finished_items_and_never_rewrites_a_line(checkpoint, tmp_path):
+    assert _eval(TEXTVQA, tmp_path, checkpoint, "--limit", "2") == 0
+    before = (tmp_path / "predictions.jsonl").read_bytes()
+    assert before.count(b"\n") == 2
+    assert _eval(TEXTVQA, tmp_path, checkpoint) == 0
+    after = (tmp_path / "predictions.jsonl").read_bytes()
+    assert after.startswith(before) and after.count(b"\n") == 3
+    assert _eval(TEXTVQA, tmp_path, checkpoint) == 0
+    assert (tmp_path / "predictions.jsonl").read_bytes() == after
+
+
+def test_a_torn_last_line_is_cut_and_its_item_runs_again(checkpoint, tmp_path):
+    assert _eval(TEXTVQA, tmp_path, checkpoint, "--limit", "2") == 0
+    with open(tmp_path / "predictions.jsonl", "ab") as file:
+        file.write(b'{"id": "2-f5a0c0af", "index": 2, "mode": "reg')  # a kill in the middle of a write
+    assert _eval(TEXTVQA, tmp_path, checkpoint) == 0
+    assert [line["index"] for line in _lines(tmp_path)] == [0, 1, 2]
+
+
+def test_the_output_folder_guards(checkpoint, tmp_path, capsys):
+    assert _eval(TEXTVQA, tmp_path, checkpoint, "--limit", "1") == 0
+    assert _eval(TEXTVQA, tmp_path, checkpoint, "--max-new-tokens", "5") == 1
+    assert "another run (max_new_tokens differ)" in capsys.readouterr().err
+    log = PredictionLog(tmp_path / "predictions.jsonl")
+    try:
+        assert _eval(TEXTVQA, tmp_path, checkpoint) == 1
+        assert "another evaluation is writing" in capsys.readouterr().err
+    finally:
+        log.close()
+    with open(tmp_path / "predictions.jsonl", "ab") as file:
+        file.write(b"garbage\n")
+    assert _eval(TEXTVQA, tmp_path, checkpoint) == 1
+    err = capsys.readouterr().err
+    assert "line 2, is not a prediction" in err and err.count("\n") == 1
+
+
+def test_failed_items_get_no_line_and_the_next_run_retries_them(checkpoint, tmp_path, monkeypatch, capsys):
+    real = VPTSession.generate
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(VPTSession, "generate", out_of_memory)
+    assert _eval(TEXTVQA, tmp_path, checkpoint) == 1
+    err = capsys.readouterr().err
+    assert "3 items failed" in err and "ModelError" in err and "CUDA out of memory" in err
+    assert _lines(tmp_path) == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["modes"]["region"]["failed"] == 3 and len(summary["failed"]) == 3
+    monkeypatch.setattr(VPTSession, "generate", real)
+    assert _eval(TEXTVQA, tmp_path, checkpoint) == 0
+    assert len(_lines(tmp_path)) == 3
+
+
+def test_judge_scores_through_an_openai_compatible_endpoint(checkpoint, tmp_path):
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append((self.path, self.headers["Authorization"], body))
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "score: 0.75"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        spec = EvalSpec(model=checkpoint, max_new_tokens=4, judge_url=url, judge_model="judge-1")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("OPENAI_API_KEY", "sk-test")
+            summary = evaluate(TEXTVQA, tmp_path, spec=spec, progress=False)
+    finally:
+        server.shutdown()
+    assert [line["judge"] for line in _lines(tmp_path)] == [0.75] * 3
+    assert summary["modes"]["region"]["judge"] == 0.75
+    path, auth, body = requests[0]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["model"] == "judge-1"
+    prompt = body["messages"][0]["content"]
+    assert "What colour is the sign?" in prompt and "Reference answer: red" in prompt
+    assert "| LLM judge | 0.750 |" in (tmp_path / "summary.md").read_text()
