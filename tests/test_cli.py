@@ -11,17 +11,6 @@ from PIL import Image
 import vpt_agent.graph as graph_module
 import vpt_agent.model as vpt_model
 from vpt_agent.cli import main
-from vpt_agent.model.tiny import tiny_vpt_model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny VPT checkpoint directory with its tokenizer, as `--model` expects."""
-    path = tmp_path_factory.mktemp("ckpt")
-    model, tokenizer = tiny_vpt_model()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture

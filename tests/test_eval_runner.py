@@ -12,7 +12,6 @@ import pytest
 from vpt_agent.cli import main
 from vpt_agent.evaluation.runner import EvalSpec, PredictionLog, evaluate
 from vpt_agent.model.session import VPTSession
-from vpt_agent.model.tiny import tiny_vpt_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vpt_datasets"
 TEXTVQA = str(FIXTURES / "TextVQA_region_test.json")
@@ -21,17 +20,8 @@ FIELDS = {"id", "index", "mode", "category", "question", "answer", "ground_truth
 REGION = "<|region_token_start|><|x_2|><|y_3|><|region_token_end|>"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    model, tokenizer = tiny_vpt_model()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def _eval(dataset: str, out: Path, checkpoint: str, *options: str) -> int:
-    return main(["eval", dataset, "--out", str(out), "--model", checkpoint, "--max-new-tokens", "4",
+def _eval(dataset: str, out: Path, checkpoint: Path, *options: str) -> int:
+    return main(["eval", dataset, "--out", str(out), "--model", str(checkpoint), "--max-new-tokens", "4",
                  "--no-progress", *options])
 
 
@@ -58,7 +48,7 @@ def test_predictions_and_summaries_with_modes_side_by_side(checkpoint, tmp_path,
 
 
 def test_scores_regions_and_actions_reach_the_lines(checkpoint, tmp_path):
-    spec = EvalSpec(model=checkpoint, max_new_tokens=4, options={"force": (REGION, "red<|im_end|>")})
+    spec = EvalSpec(model=str(checkpoint), max_new_tokens=4, options={"force": (REGION, "red<|im_end|>")})
     summary = evaluate(TEXTVQA, tmp_path, spec=spec, progress=False)
     first, second, _ = _lines(tmp_path)
     assert (first["answer"], first["score"], first["actions"]) == ("red", 1.0, ["region"])
@@ -158,7 +148,7 @@ def test_judge_scores_through_an_openai_compatible_endpoint(checkpoint, tmp_path
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/v1"
-        spec = EvalSpec(model=checkpoint, max_new_tokens=4, judge_url=url, judge_model="judge-1")
+        spec = EvalSpec(model=str(checkpoint), max_new_tokens=4, judge_url=url, judge_model="judge-1")
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("OPENAI_API_KEY", "sk-test")
             summary = evaluate(TEXTVQA, tmp_path, spec=spec, progress=False)

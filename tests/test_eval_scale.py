@@ -14,20 +14,10 @@ import pytest
 
 from vpt_agent.cli import main
 from vpt_agent.evaluation.runner import EvalSpec, evaluate
-from vpt_agent.model.tiny import tiny_vpt_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vpt_datasets"
 BIN = Path(sys.executable).parent
 REGION = "<|region_token_start|><|x_2|><|y_3|><|region_token_end|>"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    model, tokenizer = tiny_vpt_model()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +43,7 @@ def _lines(out: Path) -> list[dict]:
 
 def test_a_killed_run_resumes_with_every_item_exactly_once(checkpoint, dataset, tmp_path):
     out, reference = tmp_path / "killed", tmp_path / "reference"
-    args = ["eval", dataset, "--model", checkpoint, "--max-new-tokens", "24", "--batch-size", "2", "--no-progress"]
+    args = ["eval", dataset, "--model", str(checkpoint), "--max-new-tokens", "24", "--batch-size", "2", "--no-progress"]
     process = subprocess.Popen([str(BIN / "vpt-agent"), *args, "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     predictions = out / "predictions.jsonl"
@@ -79,13 +69,13 @@ def test_a_killed_run_resumes_with_every_item_exactly_once(checkpoint, dataset, 
 def one_rank(checkpoint, dataset, tmp_path_factory):
     """Predictions of one rank, a region forced in round 1 so that lines carry actions and regions."""
     out = tmp_path_factory.mktemp("one")
-    spec = EvalSpec(model=checkpoint, max_new_tokens=6, batch_size=5, options={"force": (REGION,)})
+    spec = EvalSpec(model=str(checkpoint), max_new_tokens=6, batch_size=5, options={"force": (REGION,)})
     evaluate(dataset, out, spec=spec, modes=["region"], limit=22, progress=False)
     return out
 
 
 def test_two_workers_give_the_predictions_of_one(checkpoint, dataset, one_rank, tmp_path):
-    spec = EvalSpec(model=checkpoint, max_new_tokens=6, batch_size=5, options={"force": (REGION,)})
+    spec = EvalSpec(model=str(checkpoint), max_new_tokens=6, batch_size=5, options={"force": (REGION,)})
     summary = evaluate(dataset, tmp_path, spec=spec, modes=["region"], limit=22, workers=2, progress=False)
     assert _lines(tmp_path) == _lines(one_rank)
     assert all(line["actions"] == ["region"] for line in _lines(tmp_path))
@@ -96,7 +86,7 @@ def test_two_workers_give_the_predictions_of_one(checkpoint, dataset, one_rank, 
 def test_torchrun_ranks_give_the_predictions_of_one(checkpoint, dataset, tmp_path):
     """The multi-node path (ranks from the launcher's environment), as 2 ranks on this machine."""
     # the forced region is not a CLI option: compare with a one-rank CLI run instead
-    args = ["eval", dataset, "--model", checkpoint, "--max-new-tokens", "6", "--batch-size", "5", "--limit", "22",
+    args = ["eval", dataset, "--model", str(checkpoint), "--max-new-tokens", "6", "--batch-size", "5", "--limit", "22",
             "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "vpt_agent.cli"]

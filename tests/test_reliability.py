@@ -421,25 +421,16 @@ class _Exploit:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt")
-    model, tokenizer = tiny_vpt_model()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def copy_checkpoint(saved: Path, to: Path, weights: bool = True) -> Path:
+def copy_checkpoint(checkpoint: Path, to: Path, weights: bool = True) -> Path:
     to.mkdir()
-    for file in saved.iterdir():
+    for file in checkpoint.iterdir():
         if weights or file.name != "model.safetensors":
             (to / file.name).write_bytes(file.read_bytes())
     return to
 
 
-def test_cli_refuses_a_code_executing_pickle_in_one_line(saved, tmp_path, capsys):
-    ckpt = copy_checkpoint(saved, tmp_path / "evil", weights=False)
+def test_cli_refuses_a_code_executing_pickle_in_one_line(checkpoint, tmp_path, capsys):
+    ckpt = copy_checkpoint(checkpoint, tmp_path / "evil", weights=False)
     marker = tmp_path / "pwned"
     torch.save({"lm_head.weight": _Exploit(marker)}, ckpt / "pytorch_model.bin")
     Image.fromarray(noise(28, 28)).save(tmp_path / "photo.png")
@@ -452,8 +443,8 @@ def test_cli_refuses_a_code_executing_pickle_in_one_line(saved, tmp_path, capsys
     assert not marker.exists()
 
 
-def test_safetensors_are_preferred_over_a_pickle_beside_them(saved, tmp_path, capsys):
-    ckpt = copy_checkpoint(saved, tmp_path / "both")
+def test_safetensors_are_preferred_over_a_pickle_beside_them(checkpoint, tmp_path, capsys):
+    ckpt = copy_checkpoint(checkpoint, tmp_path / "both")
     marker = tmp_path / "pwned"
     torch.save({"lm_head.weight": _Exploit(marker)}, ckpt / "pytorch_model.bin")
     Image.fromarray(noise(28, 28)).save(tmp_path / "photo.png")
@@ -475,8 +466,8 @@ def test_safetensors_are_preferred_over_a_pickle_beside_them(saved, tmp_path, ca
         ("config.json", b'{"model_type": "qwen2_vl_vpt", "hidden_size": "big"}', "hidden_size"),
     ],
 )
-def test_corrupt_checkpoint_files_are_checkpoint_errors(saved, tmp_path, name, content, message):
-    ckpt = copy_checkpoint(saved, tmp_path / "bad", weights=not name.startswith("pytorch"))
+def test_corrupt_checkpoint_files_are_checkpoint_errors(checkpoint, tmp_path, name, content, message):
+    ckpt = copy_checkpoint(checkpoint, tmp_path / "bad", weights=not name.startswith("pytorch"))
     if isinstance(content, bytes):
         (ckpt / name).write_bytes(content)
     else:
