@@ -40,7 +40,7 @@ class ScriptedSession:
     script: list[str] = []
     log: list[tuple] = []
 
-    def __init__(self, model, tokenizer, *, system_prompt: str = "") -> None:
+    def __init__(self, model, tokenizer, *, system_prompt: str = "", suppress=()) -> None:
         self.tokenizer, self.round = tokenizer, 0
 
     def start(self, images, questions) -> None:

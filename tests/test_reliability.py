@@ -360,6 +360,28 @@ def test_a_model_that_asks_for_perception_forever_is_bounded(tiny):
     assert len(result["actions"]) == 2 and result["answer"] == ""
 
 
+@pytest.mark.parametrize("start", ["<|region_token_start|>", "<|detection_action_start|>", "<|clip_action_start|>"])
+def test_direct_mode_never_generates_an_action_start(tiny, start):
+    """A model that wants perception first gets its next choice in direct mode: no request, no refusal."""
+    model, tokenizer = tiny
+    wanted, fallback = tokenizer.convert_tokens_to_ids(start), tokenizer.convert_tokens_to_ids("a")
+
+    def hook(module, args, kwargs, output):  # the action start first, then "a"
+        output.logits[:, -1] = -1.0
+        output.logits[:, -1, wanted] = 1.0
+        output.logits[:, -1, fallback] = 0.0
+        return output
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        direct = run(tiny, noise(28, 28), mode="direct")
+        free = run(tiny, noise(28, 28), mode="free", max_perception_steps=0)
+    finally:
+        handle.remove()
+    assert nodes(direct) == ["perceive", "mllm", "answer"] and direct["answer"] == "aaaa" and direct["error"] is None
+    assert free["steps"][1]["text"].startswith(start) and free["error"]  # other modes generate it
+
+
 @pytest.mark.parametrize("action", [REGION, DINO, CLIP], ids=["region", "dino", "clip"])
 def test_endless_forced_requests_are_bounded(tiny, action):
     result = run(tiny, noise(28, 28), *[action] * 10, max_perception_steps=3)

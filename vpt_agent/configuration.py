@@ -29,7 +29,7 @@ class VPTOptions(BaseModel):
     """Actions the run may carry out (re-encoding also needs the branch in the model)."""
     mode: PromptMode = "region"
     """Prompt: the paper's "region" or "reencode" suffix, "free" (none, the model decides) or
-    "direct" (none, and no perception at all)."""
+    "direct" (none, and no perception at all: action start tokens are never generated)."""
     force: tuple[str, ...] = ()
     """Text teacher-forced at the start of round i (special tokens allowed; generation goes on
     after it unless it ends with a stop token), e.g.

@@ -36,7 +36,7 @@ from .perception.crop import crops
 from .perception.reencode import branch_features
 from .state import StepRecord, VPTState
 from .store import Event, RunCache, VPTStore
-from .tokens import BRANCHES, ParsedOutput, build_question, parse_actions
+from .tokens import BRANCHES, REGION_START, ParsedOutput, build_question, parse_actions
 
 
 REASK: dict[str, Any] = {"kind": "reask"}
@@ -65,6 +65,9 @@ class VPTNodes:
         self.model, self.tokenizer, self.options, self.store = model, tokenizer, options, store
         self.branches: tuple[str, ...] = tuple(model.config.branches)
         self.device = next(model.parameters()).device
+        starts = [REGION_START, *(BRANCHES[b].action_start for b in BRANCHES)]
+        self.action_starts: tuple[int, ...] = tuple(tokenizer.convert_tokens_to_ids(starts))
+        """Never generated in direct mode: the model answers from the global view."""
 
     # ------------------------------------------------------------------------------- nodes
     def perceive(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
@@ -211,7 +214,8 @@ class VPTNodes:
             if i < len(followups):
                 events.append(("action", followups[i]))
         if run.session is None or run.fed != events[: len(run.fed)]:
-            run.session = VPTSession(self.model, self.tokenizer, system_prompt=opts.system_prompt)
+            suppress = self.action_starts if opts.mode == "direct" else ()
+            run.session = VPTSession(self.model, self.tokenizer, system_prompt=opts.system_prompt, suppress=suppress)
             run.session.start([self._image(run, state, opts)], [state["prompt"]])
             run.fed = []
         for kind, value in events[len(run.fed) :]:

@@ -38,6 +38,8 @@ class VPTConfig(Qwen2VLConfig):
     `vision_encoder_ls` names the re-encoding branches (["dino"], ["sam"], ["clip"], or several);
     `detection_encoder_config` / `seg_encoder_config` hold the DINOv2 / SAM architectures
     (transformers `Dinov2Config` / `SamVisionConfig` dicts) and default to the released ones.
+    `image_max_pixels` caps the pixels of every image the ViT sees (None: the Qwen2-VL processor's
+    budget, as the released models use; the bundled demo model sees ~224x224).
     """
 
     model_type = "qwen2_vl_vpt"
@@ -50,6 +52,7 @@ class VPTConfig(Qwen2VLConfig):
             "para_mask_id": 0,
             "para_mask_ratio": 1.0,
             "alignment": False,
+            "image_max_pixels": None,
         }
         for key, value in defaults.items():
             kwargs.setdefault(key, value)

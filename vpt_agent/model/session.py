@@ -62,12 +62,22 @@ class _Segment:
 class VPTSession:
     """Multi-round VPT conversation for a batch of rows over one shared KV cache."""
 
-    def __init__(self, model: VPTForConditionalGeneration, tokenizer, *, system_prompt: str = DEFAULT_SYSTEM):
+    def __init__(
+        self,
+        model: VPTForConditionalGeneration,
+        tokenizer,
+        *,
+        system_prompt: str = DEFAULT_SYSTEM,
+        suppress: Sequence[int] = (),
+    ):
+        """``suppress``: more token ids greedy decoding never picks (the graph's direct mode passes
+        the action start tokens); placeholder tokens are always suppressed."""
         cfg = model.config
         if cfg.para_mask_id:
             raise ConfigError("para_mask_id is a training option; set it to 0 to run a session")
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt = system_prompt
+        self.max_pixels = cfg.image_max_pixels
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.im_end = cfg.para_end_id
@@ -81,7 +91,7 @@ class VPTSession:
         self.suppressed = sorted(
             {cfg.image_token_id, cfg.video_token_id, *(getattr(cfg, b.pad_field) for b in BRANCHES.values())}
         )
-        self._suppressed = torch.tensor(self.suppressed, device=self.device)
+        self._suppressed = torch.tensor(sorted({*self.suppressed, *suppress}), device=self.device)
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # (B, cached length)
@@ -119,7 +129,7 @@ class VPTSession:
         head = self._text(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n<|im_start|>user\n")
         segments = {}
         for i, (image, question) in enumerate(zip(images, questions)):
-            pixels = qwen_pixel_values([image])
+            pixels = qwen_pixel_values([image], max_pixels=self.max_pixels)
             ids = head + self._vision(_n_tokens(pixels[1][0])) + self._text("\n")
             ids += encode_user_text(self.tokenizer, question) + self._assistant()
             segments[i] = _Segment(ids, pixels=pixels)
@@ -128,7 +138,7 @@ class VPTSession:
     def add_regions(self, row: int, crops: Sequence[torch.Tensor]) -> None:
         """Show uint8 (3,h,w) crops as the next user turn (reference format) and open the answer turn."""
         state = self._row(row)
-        pixels = qwen_pixel_values(list(crops))
+        pixels = qwen_pixel_values(list(crops), max_pixels=self.max_pixels)
         ids = self._close_turn(state)
         for i, part in enumerate(second_round_user_text(len(crops)).split("<image>")):
             ids += self._text(part) if part else []

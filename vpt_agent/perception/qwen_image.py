@@ -173,7 +173,7 @@ def _default_processor() -> Qwen2VLImageProcessor:
 
 
 def qwen_pixel_values(
-    images: list[torch.Tensor], image_processor=None
+    images: list[torch.Tensor], image_processor=None, *, max_pixels: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen2-VL ``pixel_values`` (P, 1176) and ``image_grid_thw`` (n, 3) for uint8 (3, H, W) images.
 
@@ -182,12 +182,14 @@ def qwen_pixel_values(
     resize (:func:`resize_like_pil`, as the reference's PIL-based processor did), then through
     ``image_processor`` (default: transformers' ``Qwen2VLImageProcessor``) for rescaling,
     OpenAI-CLIP normalization and patchifying (patch 14, temporal patch 2, 2x2 merge).
+    ``max_pixels`` (a model's ``config.image_max_pixels``) lowers the processor's pixel budget.
     Results are on the images' device.
     """
     if not images:
         raise BadImageError("no images given")
     device = check_image(images[0]).device
     processor = image_processor if image_processor is not None else _default_processor()
+    budget = processor.size["longest_edge"] if max_pixels is None else max_pixels
     resized = []
     for image in images:
         if check_image(image).device != device:
@@ -198,7 +200,7 @@ def qwen_pixel_values(
             image.shape[2],
             factor=processor.patch_size * processor.merge_size,
             min_pixels=processor.size["shortest_edge"],
-            max_pixels=processor.size["longest_edge"],
+            max_pixels=budget,
         )
         resized.append(resize_like_pil(image, size, "bicubic"))
     out = processor(

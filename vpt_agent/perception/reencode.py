@@ -8,13 +8,14 @@ from .qwen_image import qwen_pixel_values
 from .sam import preprocess_sam
 
 
-def branch_inputs(branch: str, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The reference forward's encoder inputs for one uint8 (3,H,W) image (batch of one)."""
+def branch_inputs(branch: str, image: torch.Tensor, max_pixels: int | None = None) -> dict[str, torch.Tensor]:
+    """The reference forward's encoder inputs for one uint8 (3,H,W) image (batch of one);
+    ``max_pixels`` is the model's ``image_max_pixels`` (clip only)."""
     if branch == "dino":
         return {"detection_images": preprocess_dino(image)[None]}
     if branch == "sam":
         return {"seg_images": preprocess_sam(image)[None]}
-    pixel_values, grid = qwen_pixel_values([image])
+    pixel_values, grid = qwen_pixel_values([image], max_pixels=max_pixels)
     return {"clip_pixel_values": pixel_values, "clip_images_grid_thw": grid}
 
 
@@ -24,7 +25,7 @@ def branch_features(model, branch: str, image: torch.Tensor) -> torch.Tensor:
     dino (256, d), sam (C, 64, 64), clip (t*h*w/4, hidden) from the model's own ViT."""
     model.projector(branch)  # a clear MissingBranchError before any work
     param = next(model.parameters())
-    inputs = branch_inputs(branch, image.to(param.device))
+    inputs = branch_inputs(branch, image.to(param.device), model.config.image_max_pixels)
     images, *grid = (v.to(param.device) for v in inputs.values())
     if images.is_floating_point():
         images = images.to(param.dtype)
