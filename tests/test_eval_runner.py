@@ -161,3 +161,30 @@ def test_judge_scores_through_an_openai_compatible_endpoint(checkpoint, tmp_path
     prompt = body["messages"][0]["content"]
     assert "What colour is the sign?" in prompt and "Reference answer: red" in prompt
     assert "| LLM judge | 0.750 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_synthetic_benchmark_in_four_modes(checkpoint, tmp_path, capsys):
+    out = tmp_path / "synthetic"
+    argv = ["eval", "--synthetic", "--seed", "5", "--per-family", "2", "--out", str(out), "--model", str(checkpoint),
+            "--max-new-tokens", "4", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "synthetic-seed5-2-per-family" and summary["metric"] == "exact"
+    assert list(summary["modes"]) == ["region", "reencode", "free", "direct"] and summary["items"] == 8
+    for mode in summary["modes"].values():
+        assert set(mode["categories"]) == {"fine_detail", "spatial", "counting", "existence"}
+        assert all(c["n"] == 2 for c in mode["categories"].values())
+        assert 0.0 <= mode["well_formed"] <= 1.0 and mode["median_ms"] > 0
+    lines = _lines(out)
+    assert len(lines) == 32 and len({(line["mode"], line["id"]) for line in lines}) == 32
+    assert all(line["actions"] == [] for line in lines if line["mode"] == "direct")  # no perception at all
+    markdown = (out / "summary.md").read_text()
+    assert "| well-formed outputs |" in markdown and "| category: fine_detail |" in markdown
+    assert main(argv) == 0  # resumes: nothing left to run, the same summary
+    assert json.loads((out / "summary.json").read_text())["modes"] == summary["modes"]
+
+
+@pytest.mark.parametrize("argv", [["eval", "--out", "x"], ["eval", TEXTVQA, "--synthetic", "--out", "x"]])
+def test_a_dataset_or_synthetic(argv, capsys):
+    assert main(argv) == 1
+    assert "give a dataset file or --synthetic" in capsys.readouterr().err

@@ -1,17 +1,28 @@
-"""`vpt-agent eval DATASET.json --out DIR`: the subcommand's arguments, and running it."""
+"""`vpt-agent eval DATASET.json --out DIR` and `vpt-agent eval --synthetic --seed S --per-family N --out DIR`:
+the subcommand's arguments, and running it."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ..errors import ConfigError
 from ..tokens import PROMPT_SUFFIXES
 from .metrics import METRICS
+
+SYNTHETIC_SEED = 1000
 
 
 def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     """Add ``eval`` to the CLI's subcommands."""
-    parser = commands.add_parser("eval", help="score the graph on a VPT_Datasets file")
-    parser.add_argument("dataset", help="VPT_Datasets JSON file, e.g. TextVQA_region_test.json")
+    parser = commands.add_parser("eval", help="score the graph on a VPT_Datasets file or the synthetic benchmark")
+    parser.add_argument("dataset", nargs="?", help="VPT_Datasets JSON file, e.g. TextVQA_region_test.json")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="the synthetic benchmark instead of a file (default modes: all four, metric exact)")
+    parser.add_argument("--seed", type=int, default=SYNTHETIC_SEED, metavar="SEED",
+                        help=f"--synthetic: the held-out stream (default {SYNTHETIC_SEED}; the demo model "
+                             "trained on streams 0 and 1)")
+    parser.add_argument("--per-family", type=_positive, default=100, metavar="N",
+                        help="--synthetic: questions per family (default 100)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="predictions.jsonl and summaries go here; an existing DIR is resumed")
     parser.add_argument("--model", metavar="PATH", help="VPT checkpoint directory (default: the bundled demo model)")
@@ -40,14 +51,21 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate, print summary.md; exit 1 when some items failed (a re-run retries them)."""
-    from .runner import EvalSpec, evaluate, render_summary  # heavy imports only once the arguments are valid
+    from .datasets import synthetic_dataset  # heavy imports only once the arguments are valid
+    from .runner import EvalSpec, evaluate, render_summary
 
+    if args.synthetic == (args.dataset is not None):
+        raise ConfigError("give a dataset file or --synthetic (one of them)")
+    dataset, modes, metric = args.dataset, args.mode, args.metric
+    if args.synthetic:
+        dataset = synthetic_dataset(args.seed, args.per_family)
+        modes, metric = modes or list(PROMPT_SUFFIXES), metric or "exact"
     spec = EvalSpec(
-        model=args.model, metric=args.metric, max_new_tokens=args.max_new_tokens, max_steps=args.max_steps,
+        model=args.model, metric=metric, max_new_tokens=args.max_new_tokens, max_steps=args.max_steps,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, judge_url=args.judge,
         judge_model=args.judge_model,
     )
-    summary = evaluate(args.dataset, args.out, modes=args.mode, limit=args.limit, workers=args.workers, spec=spec,
+    summary = evaluate(dataset, args.out, modes=modes, limit=args.limit, workers=args.workers, spec=spec,
                        progress=not args.no_progress)
     if summary is None:  # a rank other than 0 of a launched run
         return 0

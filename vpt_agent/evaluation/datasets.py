@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from ..data.conversations import region_text
@@ -48,14 +49,26 @@ class DatasetError(VPTError, ValueError):
 
 
 @dataclass(frozen=True)
+class SyntheticImage:
+    """A synthetic benchmark scene, drawn when an item runs (the noisy scenes are ~1 MB as PNG)."""
+
+    seed: int
+    index: int
+    family: Family
+
+    def load(self) -> torch.Tensor:
+        return make_item(self.seed, self.index, (self.family,)).image
+
+
+@dataclass(frozen=True)
 class EvalItem:
     """One dataset item as the graph takes it; `problem` says why it cannot be run (else None)."""
 
     id: str
     index: int
     """Position in the dataset file."""
-    image: str | None
-    """Absolute path of the first image."""
+    image: str | SyntheticImage | None
+    """Absolute path of the first image, or the synthetic scene."""
     question: str
     """The question without image placeholders and without the paper's prompt suffix."""
     prompt_mode: PromptMode
@@ -188,6 +201,22 @@ def export_synthetic(
         records.append({**record, "messages": messages, "images": images})
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def synthetic_dataset(seed: int, per_family: int) -> Dataset:
+    """The synthetic benchmark's held-out stream ``seed``: ``per_family`` questions of each family
+    (question j of family k is item ``j * 4 + k`` of the stream, so every question has its own scene
+    and a larger ``per_family`` extends a smaller one), asked without a suffix (modes add theirs)."""
+    if per_family < 1:
+        raise DatasetError(f"per_family must be positive, got {per_family}")
+    items = []
+    for j in range(per_family):
+        for k, family in enumerate(FAMILIES):
+            index = j * len(FAMILIES) + k
+            item = make_item(seed, index, (family,))
+            items.append(EvalItem(f"synthetic-{seed}-{index}", len(items), SyntheticImage(seed, index, family),
+                                  item.question, "free", (item.answer,), category=family))
+    return Dataset(f"synthetic-seed{seed}-{per_family}-per-family", Path(f"synthetic:{seed}"), tuple(items), ())
 
 
 def _item_id(record: Any, index: int) -> str:

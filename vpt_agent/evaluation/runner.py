@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..errors import ConfigError, VPTError
 from ..graph import build_graph, resolve_model
 from ..tokens import PROMPT_SUFFIXES
-from .datasets import Dataset, EvalItem, read_dataset
+from .datasets import Dataset, EvalItem, SyntheticImage, read_dataset
 from .distributed import Group, launched, launched_group, local_group
 from .judge import OpenAIJudge
 from .metrics import METRICS, metric_extras, metric_for
@@ -148,7 +148,7 @@ class Engine:
 
     def run(self, tasks: Sequence[Task]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(lines of the finished tasks, failures) of one batch."""
-        inputs = [{"image": task.item.image, "q": task.item.question} for task in tasks]
+        inputs = [{"image": _image(task.item), "q": task.item.question} for task in tasks]
         configs = [{"configurable": {"mode": task.mode}, "max_concurrency": 1} for task in tasks]
         results = self.graph.batch(inputs, configs, return_exceptions=True)
         lines, failures = [], []
@@ -192,7 +192,7 @@ def prediction_line(
 
 
 def evaluate(
-    dataset: str | Path,
+    dataset: str | Path | Dataset,
     out: str | Path,
     *,
     modes: Sequence[str] | None = None,
@@ -201,7 +201,8 @@ def evaluate(
     spec: EvalSpec = EvalSpec(),
     progress: bool = True,
 ) -> dict[str, Any] | None:
-    """Evaluate `dataset` into the folder `out` (resuming what it holds) and return the summary.
+    """Evaluate `dataset` (a VPT_Datasets file, or a `Dataset` such as `synthetic_dataset`'s) into
+    the folder `out` (resuming what it holds) and return the summary.
 
     `modes`: prompt modes compared side by side (default: the split's own, from its suffix);
     `limit`: the first items only; `workers`: local ranks. In a process a launcher started as one
@@ -228,10 +229,10 @@ def follow(group: Group) -> None:
 
 
 def _evaluate(
-    dataset: str | Path, out: str | Path, modes: Sequence[str] | None, limit: int | None, workers: int,
+    dataset: str | Path | Dataset, out: str | Path, modes: Sequence[str] | None, limit: int | None, workers: int,
     spec: EvalSpec, progress: bool, group: Group | None,
 ) -> dict[str, Any]:
-    data = read_dataset(dataset)
+    data = dataset if isinstance(dataset, Dataset) else read_dataset(dataset)
     spec = replace(spec, metric=spec.metric or metric_for(data.name))
     if spec.metric not in METRICS:
         raise ConfigError(f"unknown metric {spec.metric!r}; expected one of {sorted(METRICS)}")
@@ -319,7 +320,9 @@ def summarize(
             "perception": _mean(float(bool(line["actions"])) for line in scored),
             "actions_per_item": _mean(len(line["actions"]) for line in scored),
             "refused": sum(line["error"] is not None for line in scored),
+            "well_formed": _mean(float(line["error"] is None) for line in scored),
             "mean_ms": _mean(line["timings"]["total_ms"] for line in scored),
+            "median_ms": statistics.median(t) if (t := [line["timings"]["total_ms"] for line in scored]) else None,
             **metric_extras(spec.metric, [(line["answer"], line["ground_truth"][0]) for line in scored]),
             "categories": {
                 c: {"n": sum(line["category"] == c for line in scored),
@@ -354,7 +357,9 @@ def render_summary(summary: dict[str, Any]) -> str:
         ("with perception", "perception", lambda v: "-" if v is None else f"{100 * v:.1f}%"),
         ("actions per item", "actions_per_item", lambda v: _fmt(v, 2)),
         ("refused requests", "refused", str),
-        ("mean time per item", "mean_ms", lambda v: "-" if v is None else f"{v:.0f} ms"),
+        ("well-formed outputs", "well_formed", lambda v: "-" if v is None else f"{100 * v:.1f}%"),
+        ("mean time per item", "mean_ms", _ms),
+        ("median time per item", "median_ms", _ms),
     ]
     if summary["metric"] == "yesno":
         rows[1:1] = [("precision (yes)", "precision", _fmt), ("recall (yes)", "recall", _fmt),
@@ -418,6 +423,14 @@ def _device(device: str | None, local_rank: int) -> torch.device:
     if device == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(device)
+
+
+def _image(item: EvalItem) -> str | torch.Tensor | None:
+    return item.image.load() if isinstance(item.image, SyntheticImage) else item.image
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
 
 
 def _mean(values) -> float | None:
