@@ -27,6 +27,7 @@ from vpt_agent.tokens import (
     ENDOFTEXT,
     IM_END,
     VPT_SPECIAL_TOKENS,
+    build_question,
     parse_actions,
 )
 
@@ -190,3 +191,22 @@ def test_special_ids_needs_the_vpt_tokens():
     tok.pad_token = None
     with pytest.raises(ConfigError, match="pad"):
         special_ids(tok)
+
+
+def test_demo_bpe_tokenizer_is_compact_deterministic_and_lossless(tmp_path):
+    from vpt_agent.model.loading import load_tokenizer
+    from vpt_agent.train import demo_tokenizer
+
+    tokenizer = demo_tokenizer()
+    assert tokenizer.get_vocab() == demo_tokenizer().get_vocab()
+    prompt = build_question("What character is in the green square?", "region")
+    assert len(encode_user_text(tokenizer, prompt)) <= 30  # a character tokenizer needs 127
+    for text in (prompt, "Is there a pink diamond?", "naïve 日本 <|im_end|> \t tabs", "yes"):
+        ids = encode_user_text(tokenizer, text)
+        assert tokenizer.decode(ids) == text
+        assert not set(ids) & {tokenizer.convert_tokens_to_ids(t) for t in ALL_SPECIAL_TOKENS}
+    assert [tokenizer.convert_tokens_to_ids(t) for t in ALL_SPECIAL_TOKENS] == sorted(
+        tokenizer.convert_tokens_to_ids(t) for t in ALL_SPECIAL_TOKENS)
+    tokenizer.save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path).get_vocab() == tokenizer.get_vocab()
+    special_ids(tokenizer)  # every VPT token is there

@@ -7,17 +7,35 @@ import json
 import pytest
 import torch
 
-from vpt_agent.data.conversations import IGNORE, build_example, region_text
-from vpt_agent.data.synthetic import generate
+from vpt_agent.data.conversations import (
+    GROUNDING_QUESTION,
+    IGNORE,
+    build_example,
+    grounding_example,
+    prompt_ids,
+    reading_example,
+    region_text,
+)
+from vpt_agent.data.synthetic import cells_covering, generate
 from vpt_agent.model.loading import load_tokenizer
 from vpt_agent.model.modeling import VPTForConditionalGeneration
 from vpt_agent.model.session import VPTSession
 from vpt_agent.model.tiny import TINY_DINO, tiny_vpt_model
 from vpt_agent.perception.crop import crop
-from vpt_agent.perception.qwen_image import qwen_pixel_values
+from vpt_agent.perception.qwen_image import num_image_tokens, qwen_pixel_values
 from vpt_agent.perception.reencode import branch_features
-from vpt_agent.tokens import BRANCHES, IM_END, build_question, parse_actions
-from vpt_agent.train import Conversations, TrainArgs, collate, demo_config, train, train_step
+from vpt_agent.tokens import BRANCHES, IM_END, build_question, parse_actions, region_box
+from vpt_agent.train import (
+    DEMO_MAX_PIXELS,
+    TASKS,
+    Conversations,
+    TrainArgs,
+    collate,
+    demo_config,
+    demo_tokenizer,
+    train,
+    train_step,
+)
 
 TINY = dict(  # demo_config overrides: a model that trains in seconds on a CPU
     hidden=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -87,13 +105,59 @@ def test_labels_cover_assistant_turns_only(tiny, item):
     assert supervised(build_example(other, "free", tokenizer)) == other.answer + IM_END  # free crops fine_detail only
 
 
+def test_grounding_conversation_names_and_locates_every_object(tiny, item):
+    model, tokenizer = tiny
+    example = grounding_example(item, tokenizer)
+    prompt = [t for t, label in zip(example.input_ids.tolist(), example.labels.tolist()) if label == IGNORE]
+    assert prompt == prompt_ids(tokenizer, GROUNDING_QUESTION, num_image_tokens(example.image_grid_thw))
+    answer = tokenizer.decode(example.labels[len(prompt):].tolist(), skip_special_tokens=False)
+    lines = answer.removesuffix(IM_END).split("\n")
+    assert len(lines) == len(item.objects)
+    located = {}
+    for line in lines:
+        name, _, region = line.partition("<|region_token_start|>")
+        (cells,) = [r.cells for r in parse_actions("<|region_token_start|>" + region, item.size).regions]
+        located[name] = cells
+    assert located == {o.name: cells_covering(o.box, item.size) for o in item.objects}
+    width, height = item.size
+    centre_cells = [(int(o.centre[1] * 8 / height), int(o.centre[0] * 8 / width))
+                    for name in located for o in item.objects if o.name == name]
+    assert centre_cells == sorted(centre_cells)  # reading order of the centres' cells
+
+
+def test_reading_conversation_shows_the_crop_alone(tiny, item):
+    model, tokenizer = tiny
+    example = reading_example(item, tokenizer)
+    view = crop(item.image, region_box(item.cells, item.size)[1])
+    pixel_values, grid = qwen_pixel_values([view])
+    assert torch.equal(example.pixel_values, pixel_values) and torch.equal(example.image_grid_thw, grid)
+    prompt = prompt_ids(tokenizer, item.question, num_image_tokens(grid))
+    assert example.input_ids.tolist() == prompt + ids(tokenizer, item.answer + IM_END)
+    assert example.labels.tolist() == [IGNORE] * len(prompt) + ids(tokenizer, item.answer + IM_END)
+
+
+def mixed_examples(tokenizer) -> list:
+    items = generate(0, 6)
+    modes = ["region", "reencode", "free", "direct", "reencode"]
+    examples = [build_example(item, mode, tokenizer, max_pixels=DEMO_MAX_PIXELS) for item, mode in zip(items, modes)]
+    return examples + [grounding_example(items[5], tokenizer, max_pixels=DEMO_MAX_PIXELS)]
+
+
+def test_conversations_share_one_task_per_group():
+    tokenizer = tiny_vpt_model(branches=("dino",))[1]
+    data = Conversations(tokenizer, seed=0, length=4000, group=8)
+    tasks = [data.task(i)[1] for i in range(4000)]
+    assert all(len(set(tasks[i : i + 8])) == 1 for i in range(0, 4000, 8))
+    assert all(abs(tasks.count(task) / 4000 - share) < 0.06 for task, share in TASKS.items())
+    assert len({data.task(i)[0] for i in range(8)}) > 1  # families still vary within a group
+
+
 def test_a_few_steps_lower_the_loss():
-    """Batches mix every mode, several re-encoding rows among them at different offsets."""
+    """A batch of every task, two re-encoding rows among them at different offsets."""
     tokenizer = tiny_vpt_model(branches=("dino",))[1]
     torch.manual_seed(0)
     model = VPTForConditionalGeneration(demo_config(tokenizer, **TINY)).train()
-    data = Conversations(tokenizer, seed=0, length=64)
-    batch = collate([data[i] for i in range(6)], model)
+    batch = collate(mixed_examples(tokenizer), model)
     assert batch["detection_images"] is not None and batch["detection_images"].shape[0] >= 2
     assert batch["position_ids"].shape == (3, *batch["input_ids"].shape)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -107,8 +171,7 @@ def test_batched_rows_equal_their_unbatched_forwards():
     tokenizer = tiny_vpt_model(branches=("dino",))[1]
     torch.manual_seed(0)
     model = VPTForConditionalGeneration(demo_config(tokenizer, **TINY)).eval()
-    data = Conversations(tokenizer, seed=0, length=64)
-    examples = [data[i] for i in range(6)]
+    examples = mixed_examples(tokenizer)
     batched = model(**collate(examples, model)).logits
     for row, example in enumerate(examples):
         alone = model(**collate([example], model)).logits[0]
@@ -125,7 +188,7 @@ def test_train_saves_a_bundle_and_resumes_exactly(tmp_path):
     assert {"model.safetensors", "config.json", "tokenizer.json", "train_state.pt", "log.jsonl"} <= {
         p.name for p in straight.iterdir()}
     model = VPTForConditionalGeneration.from_pretrained(straight)
-    assert load_tokenizer(straight).get_vocab() == tiny_vpt_model(branches=("dino",))[1].get_vocab()
+    assert load_tokenizer(straight).get_vocab() == demo_tokenizer().get_vocab()
 
     split = tmp_path / "split"
     train(TrainArgs(out=split, steps=2, **common))

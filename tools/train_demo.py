@@ -1,6 +1,7 @@
 """Train the bundled demo VPT model on the synthetic benchmark (see vpt_agent/train.py).
 
-    python3 tools/train_demo.py --device cuda --minutes 5.5 --out demo_ckpt
+    python3 tools/train_demo.py --device cpu --minutes 60 --batch-size 16 --workers 0 --out demo_ckpt
+    python3 tools/train_demo.py --device cuda --minutes 30 --out demo_ckpt
 
 writes demo_ckpt/{model.safetensors,config.json,tokenizer*} (the bundle), train_state.pt (for
 --resume) and log.jsonl (loss, lr, throughput, evaluations).

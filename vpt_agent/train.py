@@ -1,7 +1,8 @@
 """Supervised training of the bundled demo model: a small Qwen2-VL VPT model with a DINO branch,
-trained from scratch on the synthetic benchmark's conversations (all four prompt modes).
+trained from scratch on the synthetic benchmark's conversations (all four prompt modes, and two
+auxiliary tasks), with bf16 autocast on the CPU as on a GPU.
 
-Conversations are generated on the fly by DataLoader workers (item ``i`` of the stream is a
+Conversations are generated on the fly (by DataLoader workers, if any; item ``i`` of the stream is a
 function of the seed and ``i``, so a resumed run sees the batches it would have seen). The
 learning rate warms up linearly, then follows a cosine to 10 % over whichever ends first, the
 step budget or the time budget. `evaluate` answers held-out items greedily through `VPTSession`.
@@ -13,6 +14,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 from functools import partial
 from pathlib import Path
 
@@ -21,43 +23,74 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .data.conversations import IGNORE, Example, build_example, prompt_ids
-from .data.synthetic import FAMILIES, Family, Item, make_item
+from .data.conversations import (
+    GROUNDING_QUESTION,
+    IGNORE,
+    Example,
+    build_example,
+    grounding_example,
+    prompt_ids,
+    reading_example,
+)
+from .data.synthetic import FAMILIES, Family, Item, make_item, question_corpus
 from .model.config import VPTConfig
 from .model.loading import load_tokenizer
 from .model.modeling import VPTForConditionalGeneration
 from .model.reference import recompute_greedy, rope_index
 from .model.session import VPTSession
 from .model.tiny import TINY_DINO, tiny_config
-from .model.tokenizer import build_char_tokenizer
+from .model.session import DEFAULT_SYSTEM
+from .model.tokenizer import build_bpe_tokenizer
 from .perception.crop import crops
 from .perception.qwen_image import num_image_tokens, qwen_pixel_values
 from .perception.reencode import branch_features
-from .tokens import BRANCHES, REGION_START, PromptMode, build_question, parse_actions
+from .tokens import BRANCHES, REENCODE_PROMPT, REGION_PROMPT, REGION_START, PromptMode, build_question, parse_actions
 
-MODES: dict[PromptMode, float] = {"region": 0.35, "reencode": 0.2, "free": 0.25, "direct": 0.2}
-"""Prompt mode mix. free and direct share the unsuffixed prompt: on fine_detail the model learns
-to prefer a region (free) and, with region tokens suppressed, to guess from the global view."""
-FAMILY_MIX: dict[Family, float] = {"fine_detail": 0.4, "spatial": 0.2, "counting": 0.2, "existence": 0.2}
+TASKS: dict[PromptMode | Literal["ground", "read"], float] = {
+    "region": 0.3, "reencode": 0.08, "free": 0.12, "direct": 0.1, "ground": 0.25, "read": 0.15,
+}
+"""Task mix: the four prompt modes and two auxiliary tasks with denser, cheaper labels: "ground"
+(`grounding_example`: name and locate every object) and "read" (`reading_example`: a fine_detail
+question about its crop alone). free and direct
+share the unsuffixed prompt: on fine_detail the model learns to prefer a region (free) and, with
+the action tokens suppressed (the graph's direct mode), to guess from the global view."""
+FAMILY_MIX: dict[Family, float] = {"fine_detail": 0.45, "spatial": 0.2, "counting": 0.15, "existence": 0.2}
 TRAIN_STATE = "train_state.pt"
+DEMO_MAX_PIXELS = 224 * 224
+"""The demo model's pixel budget: a square global view is 8x8 merged tokens, one per grid cell."""
+
+
+def demo_tokenizer():
+    """Byte-level BPE trained on every benchmark question and the fixed template texts (weighted so
+    each of their words becomes one token): ~460 ids."""
+    fixed = [REGION_PROMPT, REENCODE_PROMPT, DEFAULT_SYSTEM, GROUNDING_QUESTION, "system\n", "user\n", "assistant\n",
+             "Region 1: "]
+    return build_bpe_tokenizer(question_corpus() + fixed * 1000)
 
 
 def demo_config(tokenizer, **overrides) -> VPTConfig:
-    """The demo architecture (4.3 M parameters, 17 MB in fp32): ViT 6x128, LLM 4x192, DINO 4x128;
-    ``overrides`` replace config fields (tests train smaller ones)."""
-    hidden = 192
+    """The demo architecture (2.1 M parameters, 8.5 MB in fp32): ViT 4x96, LLM 4x128, DINO 3x96, a
+    224x224 pixel budget; ``overrides`` replace config fields (tests train smaller ones)."""
+    hidden = 128
     fields = dict(
         branches=("dino",),
         hidden=hidden,
-        intermediate_size=512,
+        intermediate_size=384,
         num_hidden_layers=4,
-        num_attention_heads=6,
+        num_attention_heads=4,
         num_key_value_heads=2,
-        rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},  # head_dim 32
-        vision_config={"depth": 6, "embed_dim": 128, "num_heads": 4, "mlp_ratio": 4, "hidden_size": hidden,
+        # M-RoPE gives image rows / columns the 2nd / 3rd band of frequencies; with Qwen2-VL's
+        # theta 1e6 and 16 frequencies those turn < 0.03 rad per row, and a small model never
+        # learned where an object is (theta 10: rows 0.75-0.32 rad, partly learned; columns
+        # 0.27-0.12 rad, not at all). theta 2: 0.92-0.52 rad per row and column. The temporal
+        # band (constant over an image) keeps 2 of the 16 frequencies.
+        rope_scaling={"type": "mrope", "mrope_section": [2, 7, 7]},  # head_dim 32
+        rope_theta=2.0,
+        vision_config={"depth": 4, "embed_dim": 96, "num_heads": 4, "mlp_ratio": 4, "hidden_size": hidden,
                        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
-        detection_encoder_config={**TINY_DINO, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4},
+        detection_encoder_config={**TINY_DINO, "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4},
         initializer_range=0.02,
+        image_max_pixels=DEMO_MAX_PIXELS,
     )
     return tiny_config(tokenizer, **{**fields, **overrides})
 
@@ -66,9 +99,9 @@ def demo_config(tokenizer, **overrides) -> VPTConfig:
 class TrainArgs:
     out: Path
     steps: int = 3000
-    batch_size: int = 32
-    lr: float = 1.5e-3
-    warmup: int = 150
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 100
     weight_decay: float = 0.05
     minutes: float | None = None
     device: str = "cuda"
@@ -85,19 +118,31 @@ class TrainArgs:
 # ----------------------------------------------------------------------------------------- data
 class Conversations(Dataset):
     """Training conversation ``i``: item ``i`` of the stream ``seed`` (family drawn from FAMILY_MIX)
-    in a prompt mode drawn from MODES."""
+    in a task drawn from TASKS, one task per ``group`` consecutive items: with ``group`` = the
+    batch size a batch holds one route's lengths (a DINO row is ~2x longer than the others,
+    and padding every batch to it doubled the step time)."""
 
-    def __init__(self, tokenizer, seed: int, length: int):
-        self.tokenizer, self.seed, self.length = tokenizer, seed, length
+    def __init__(self, tokenizer, seed: int, length: int, max_pixels: int | None = None, group: int = 1):
+        self.tokenizer, self.seed, self.length, self.max_pixels, self.group = tokenizer, seed, length, max_pixels, group
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> Example:
-        rng = np.random.default_rng([self.seed, index, 1])  # independent of the item's own stream
+    def task(self, index: int) -> tuple[Family, str]:
+        """(question family, task) of conversation ``index``, independent of the item's own stream."""
+        rng = np.random.default_rng([self.seed, index, 1])
         family = str(rng.choice(list(FAMILY_MIX), p=list(FAMILY_MIX.values())))
-        mode = str(rng.choice(list(MODES), p=list(MODES.values())))
-        return build_example(make_item(self.seed, index, (family,)), mode, self.tokenizer)
+        rng = np.random.default_rng([self.seed, index // self.group, 2])
+        return family, str(rng.choice(list(TASKS), p=list(TASKS.values())))
+
+    def __getitem__(self, index: int) -> Example:
+        family, task = self.task(index)
+        item = make_item(self.seed, index, ("fine_detail",) if task == "read" else (family,))
+        if task == "ground":
+            return grounding_example(item, self.tokenizer, max_pixels=self.max_pixels)
+        if task == "read":
+            return reading_example(item, self.tokenizer, max_pixels=self.max_pixels)
+        return build_example(item, task, self.tokenizer, max_pixels=self.max_pixels)
 
 
 def collate(examples: list[Example], model: VPTForConditionalGeneration) -> dict[str, torch.Tensor]:
@@ -162,7 +207,7 @@ def answer_directly(model, tokenizer, items: list[Item]) -> list[str]:
     placeholders = [cfg.image_token_id, cfg.video_token_id, *(getattr(cfg, b.pad_field) for b in BRANCHES.values())]
     answers = []
     for item in items:
-        pixel_values, grid = qwen_pixel_values([item.image.to(device)])
+        pixel_values, grid = qwen_pixel_values([item.image.to(device)], max_pixels=cfg.image_max_pixels)
         ids = prompt_ids(tokenizer, build_question(item.question, "direct"), num_image_tokens(grid))
         new = recompute_greedy(model, ids, stop_ids={cfg.para_end_id}, max_new_tokens=6,
                                suppressed=placeholders + starts, pixel_values=pixel_values, image_grid_thw=grid)
@@ -202,10 +247,11 @@ def lr_at(step: int, progress: float, args: TrainArgs) -> float:
 
 
 def train_step(model, batch: dict[str, torch.Tensor | None], optimizer) -> torch.Tensor:
-    """One optimizer step on a collated batch (bf16 autocast on cuda); returns the detached loss."""
+    """One optimizer step on a collated batch (bf16 autocast: 1.5x faster on a 2-core AVX512-BF16 CPU
+    too); returns the detached loss."""
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = model(**batch, use_cache=False).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -226,7 +272,7 @@ def load_or_init(args: TrainArgs) -> tuple[VPTForConditionalGeneration, object, 
     if args.resume:
         state = torch.load(args.resume / TRAIN_STATE, weights_only=True)
         return VPTForConditionalGeneration.from_pretrained(args.resume), load_tokenizer(args.resume), state
-    tokenizer = build_char_tokenizer()
+    tokenizer = demo_tokenizer()
     model = VPTForConditionalGeneration(demo_config(tokenizer, **args.config_overrides))
     return model, tokenizer, {"step": 0, "elapsed": 0.0}
 
@@ -240,7 +286,8 @@ def train(args: TrainArgs) -> dict:
     model, tokenizer, state = load_or_init(args)
     start = step = state["step"]
     loader = DataLoader(
-        Conversations(tokenizer, args.seed, args.steps * args.batch_size),
+        Conversations(tokenizer, args.seed, args.steps * args.batch_size, model.config.image_max_pixels,
+                      group=args.batch_size),
         batch_size=args.batch_size,
         sampler=range(start * args.batch_size, args.steps * args.batch_size),
         collate_fn=partial(collate, model=model),

@@ -35,6 +35,7 @@ from ..tokens import (
     REGION_START,
     VISION_END,
     VISION_START,
+    NUM_CUT,
     X_TOKENS,
     Y_TOKENS,
     Cells,
@@ -43,7 +44,7 @@ from ..tokens import (
     region_box,
     second_round_user_text,
 )
-from .synthetic import Item
+from .synthetic import Item, cells_covering
 
 IGNORE = -100
 Route = Literal["region", "reencode", "answer"]
@@ -51,6 +52,8 @@ DINO = BRANCHES["dino"]
 ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
 """Closes a user turn and opens the assistant's."""
 NEXT_USER = "\n<|im_start|>user\n"
+GROUNDING_QUESTION = "Where is each shape?"
+"""The auxiliary grounding task's question (`grounding_example`)."""
 """Follows an assistant turn's ``<|im_end|>``."""
 
 
@@ -92,19 +95,21 @@ def build_example(
     *,
     system_prompt: str = DEFAULT_SYSTEM,
     action_labels: bool = True,
+    max_pixels: int | None = None,
 ) -> Example:
     """The training conversation of ``item`` under prompt ``mode``.
 
     Supervised: every assistant token and each assistant turn's ``<|im_end|>``. ``action_labels=False``
     masks ``<|detection_action|><|detection_action_end|>`` as the reference training does (its
     generate forces the action token after the start token); `VPTSession` forces nothing and stops
-    at the action end, so a model it serves must learn to emit them (the default).
+    at the action end, so a model it serves must learn to emit them (the default). ``max_pixels``
+    is the model's ``image_max_pixels``.
     """
     kind = route(item, mode)
     images = [item.image]
     if kind == "region":
         images.append(crop(item.image, region_box(item.cells, item.size)[1]))
-    pixel_values, grid = qwen_pixel_values(images)
+    pixel_values, grid = qwen_pixel_values(images, max_pixels=max_pixels)
     ids = prompt_ids(tokenizer, build_question(item.question, mode), num_image_tokens(grid[0]),
                      system_prompt=system_prompt)
     labels = [IGNORE] * len(ids)
@@ -127,6 +132,41 @@ def build_example(
         add(f"{NEXT_USER}{crop_turn}{ASSISTANT}")
     add(item.answer + IM_END, supervised=True)
     return Example(torch.tensor(ids), torch.tensor(labels), pixel_values, grid, detection_images)
+
+
+def grounding_example(
+    item: Item, tokenizer, *, system_prompt: str = DEFAULT_SYSTEM, max_pixels: int | None = None
+) -> Example:
+    """An auxiliary training conversation (not a benchmark question): `GROUNDING_QUESTION` about
+    the global image, answered with every object's name and cells in reading order of their centre
+    cells. It gives each image 4-8 localization targets where a benchmark question gives one."""
+    width, height = item.size
+
+    def reading_order(obj) -> tuple[int, int]:
+        return int(obj.centre[1] * NUM_CUT / height), int(obj.centre[0] * NUM_CUT / width)
+
+    objects = sorted(item.objects, key=reading_order)
+    answer = "\n".join(o.name + region_text(cells_covering(o.box, item.size)) for o in objects)
+    return _one_round(item.image, GROUNDING_QUESTION, answer, tokenizer, system_prompt, max_pixels)
+
+
+def reading_example(
+    item: Item, tokenizer, *, system_prompt: str = DEFAULT_SYSTEM, max_pixels: int | None = None
+) -> Example:
+    """An auxiliary training conversation: the crop region mode would show for ``item`` as the
+    only image, the item's question and its answer (reading without the global view: half the
+    cost of a region conversation)."""
+    view = crop(item.image, region_box(item.cells, item.size)[1])
+    return _one_round(view, item.question, item.answer, tokenizer, system_prompt, max_pixels)
+
+
+def _one_round(
+    image: torch.Tensor, question: str, answer: str, tokenizer, system_prompt: str, max_pixels: int | None
+) -> Example:
+    pixel_values, grid = qwen_pixel_values([image], max_pixels=max_pixels)
+    ids = prompt_ids(tokenizer, question, num_image_tokens(grid[0]), system_prompt=system_prompt)
+    target = _ids(tokenizer, answer + IM_END)
+    return Example(torch.tensor(ids + target), torch.tensor([IGNORE] * len(ids) + target), pixel_values, grid, None)
 
 
 def _ids(tokenizer, text: str) -> list[int]:

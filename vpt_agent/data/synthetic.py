@@ -1,10 +1,11 @@
 """A synthetic "find the small detail" benchmark, deterministic by seed.
 
-Each scene is a 896-1024 px canvas (landscape or portrait, aspect 0.6-1) with a textured,
-cluttered background and 4-8 filled shapes, each a unique (colour, shape) pair and each holding
-a ~12 px glyph. The global view the model sees first (longest side <= 512, NEAREST) breaks the
-glyphs' 1-2 px strokes, while a crop of the object's cells plus the parser's one-cell margin
-(<= 4x4 cells, <= 512 px) reaches the encoder at full resolution.
+Each scene is a 640-800 px canvas (half square, half landscape or portrait with aspect 0.7-1)
+with a textured, cluttered background and 4-8 filled shapes, each inside its own cell of the 8x8
+grid (about half a cell wide), each a unique (colour, shape) pair and each holding a glyph (a
+digit or capital). At the demo model's 224x224 pixel budget the glyph is <= 3.5 px tall in the
+global view; the crop of the object's cell plus the parser's one-cell margin (3x3 cells, fewer at
+the border) reaches the ViT >= 2.2x larger.
 
 Question families (short questions, short answers):
 
@@ -46,9 +47,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 GLYPHS = "0123456789ACEFHKLPRTXY"
 """Glyph alphabet: digits and capitals that do not look alike in the default font."""
-GLYPH_FONT_SIZE = 17  # PIL's default font: capitals ~12 px tall
-LONG_SIDE = (896, 1024)
-ASPECT = (0.6, 1.0)
+GLYPH_SCALE = 0.17
+"""Glyph font size per cell side (PIL's default font: capitals ~0.7 of the size)."""
+OBJECT_SCALE = (0.45, 0.6)
+"""Object side per cell side (the shorter one); each object lies inside one cell of the 8x8 grid."""
+LONG_SIDE = (640, 800)
+SQUARE = 0.5
+"""Share of square scenes (their 8x8 cells are the demo model's 8x8 global tokens); the others
+have aspect ratio ASPECT."""
+ASPECT = (0.7, 1.0)
 OBJECTS = (4, 8)
 
 
@@ -129,34 +136,46 @@ def make_item(seed: int, index: int, families: Sequence[Family] = FAMILIES) -> I
     return Item(tensor, question, answer, family, box, cells, tuple(objects))
 
 
+def question_corpus() -> list[str]:
+    """Every question the templates can ask, and every answer: what the demo tokenizer learns from."""
+    names = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    texts = [f"What character is in the {n}?" for n in names]
+    texts += [f"Is the {a} {r} the {b}?" for a in names for b in names if a != b for r in _RELATIONS]
+    texts += [f"How many {s}s are there?" for s in SHAPES] + [f"How many {c} shapes are there?" for c in COLOURS]
+    texts += [f"Is there {_a(n)} {n}?" for n in names]
+    return texts + [*GLYPHS, "yes", "no", *(str(k) for k in range(OBJECTS[1] + 1))]
+
+
 # ------------------------------------------------------------------------------------- scenes
-@lru_cache(maxsize=1)
-def _font() -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=GLYPH_FONT_SIZE)
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
 
 
 def _scene(rng: np.random.Generator) -> tuple[Image.Image, list[SceneObject]]:
     long_side = int(rng.integers(*LONG_SIDE, endpoint=True))
-    short_side = int(long_side * rng.uniform(*ASPECT))
+    short_side = long_side if rng.random() < SQUARE else int(long_side * rng.uniform(*ASPECT))
     width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
     image = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
     _clutter(rng, draw, width, height)
-    cell = min(width, height) / NUM_CUT
-    objects: list[SceneObject] = []
+    cell_w, cell_h = width / NUM_CUT, height / NUM_CUT
+    cell = min(cell_w, cell_h)
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    chosen = rng.permutation(len(pairs))[: int(rng.integers(OBJECTS[0], OBJECTS[1], endpoint=True))]
-    for pair in chosen:
+    count = int(rng.integers(OBJECTS[0], OBJECTS[1], endpoint=True))
+    chosen = rng.permutation(len(pairs))[:count]
+    cells = rng.permutation(NUM_CUT * NUM_CUT)[:count]
+    objects: list[SceneObject] = []
+    for pair, index in zip(chosen, cells):
         colour, shape = pairs[pair]
-        size = int(rng.uniform(0.75, 0.95) * cell)
-        box = _place(rng, objects, size, width, height)
-        if box is None:
-            continue
-        obj = SceneObject(colour, shape, GLYPHS[rng.integers(len(GLYPHS))], box)
-        _draw_object(draw, obj)
+        size = int(rng.uniform(*OBJECT_SCALE) * cell)
+        # inside its cell, >= 2 px from the cell's edges (the int() edges of `region_box`)
+        x_lo, y_lo = int((index % NUM_CUT) * cell_w) + 2, int((index // NUM_CUT) * cell_h) + 2
+        x_hi, y_hi = int((index % NUM_CUT + 1) * cell_w) - 2 - size, int((index // NUM_CUT + 1) * cell_h) - 2 - size
+        x0, y0 = int(rng.integers(x_lo, x_hi, endpoint=True)), int(rng.integers(y_lo, y_hi, endpoint=True))
+        obj = SceneObject(colour, shape, GLYPHS[rng.integers(len(GLYPHS))], (x0, y0, x0 + size, y0 + size))
+        _draw_object(draw, obj, round(GLYPH_SCALE * cell))
         objects.append(obj)
-    if len(objects) < OBJECTS[0]:  # crowded canvas: draw a new one
-        return _scene(rng)
     return image, objects
 
 
@@ -186,19 +205,7 @@ def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, he
             shape(box, outline=colour, width=int(rng.integers(1, 3)))
 
 
-def _place(rng: np.random.Generator, objects: list[SceneObject], size: int, width: int, height: int) -> Box | None:
-    """A box of side ``size`` inside the canvas, at least half a size away from every other object."""
-    gap = size // 2
-    for _ in range(100):
-        x0, y0 = int(rng.integers(8, width - size - 8)), int(rng.integers(8, height - size - 8))
-        box = (x0, y0, x0 + size, y0 + size)
-        if all(box[0] >= o.box[2] + gap or o.box[0] >= box[2] + gap or box[1] >= o.box[3] + gap
-               or o.box[1] >= box[3] + gap for o in objects):
-            return box
-    return None
-
-
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, font_size: int) -> None:
     x0, y0, x1, y1 = obj.box
     x1, y1 = x1 - 1, y1 - 1  # PIL draws inclusive coordinates
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -214,7 +221,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill, outline=outline, width=2)
     luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
     ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
-    draw.text((cx, cy), obj.glyph, font=_font(), fill=ink, anchor="mm")
+    draw.text((cx, cy), obj.glyph, font=_font(font_size), fill=ink, anchor="mm")
 
 
 # ---------------------------------------------------------------------------------- questions
@@ -230,8 +237,8 @@ _RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below":
 
 
 def _spatial(rng: np.random.Generator, objects: list[SceneObject]) -> Question:
-    """A pair whose centres are at least their mean size apart along the relation's axis (placement
-    keeps every pair that far apart along some axis, so one of the relations always has pairs)."""
+    """A pair whose centres are at least their mean size apart along the relation's axis (objects in
+    different cells are that far apart along some axis, so one of the relations always has pairs)."""
     for relation in rng.permutation(list(_RELATIONS)):
         axis, sign = _RELATIONS[relation]
         pairs = [(a, b) for a in objects for b in objects

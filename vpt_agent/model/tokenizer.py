@@ -1,10 +1,10 @@
-"""Tokenizers: the character-level tokenizer of the bundled demo models, VPT token registration,
-safe encoding of user text and decoding of generated ids."""
+"""Tokenizers: the character-level tokenizer of the tiny test models, the byte-level BPE of the
+bundled demo model, VPT token registration, safe encoding of user text and decoding of generated ids."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ..errors import ConfigError
@@ -30,13 +30,32 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     backend.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in (UNK_TOKEN, *ALL_SPECIAL_TOKENS)]
     )
+    return _wrap(backend, unk_token=UNK_TOKEN)
+
+
+def build_bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (any text encodes; GPT-2 style) trained on ``corpus``, then every VPT / chat
+    special token. The demo model's prompts and questions become a few tokens each."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(corpus, trainer)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ALL_SPECIAL_TOKENS])
+    return _wrap(backend)
+
+
+def _wrap(backend: Tokenizer, **tokens: str) -> PreTrainedTokenizerFast:
+    """Pad ``<|endoftext|>``, eos ``<|im_end|>``, the other special tokens as extras."""
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        unk_token=UNK_TOKEN,
         pad_token=ENDOFTEXT,
         eos_token=IM_END,
         extra_special_tokens=[t for t in ALL_SPECIAL_TOKENS if t not in (ENDOFTEXT, IM_END)],
         clean_up_tokenization_spaces=False,
+        **tokens,
     )
 
 
