@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 import vpt_agent.graph as graph_module
-import vpt_agent.model as vpt_model
 from vpt_agent.cli import main
+from vpt_agent.model.demo import bundled
 
 
 @pytest.fixture
@@ -34,10 +34,20 @@ def test_json_output_and_trace(checkpoint, image_path, tmp_path, capsys):
     assert out.err == ""  # an explicit model: no demo-model warning
 
 
-def test_plain_output_is_the_answer(checkpoint, image_path, capsys):
-    assert main(["ask", str(image_path), "What is it?", "--model", str(checkpoint), "--max-new-tokens", "4"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) <= 1
+def test_plain_output_is_the_answer_then_one_line_per_perception_step(checkpoint, image_path, capsys):
+    region = "<|region_token_start|><|x_1|><|x_2|><|y_0|><|region_token_end|><|im_end|>"
+    argv = ["ask", str(image_path), "What is it?", "--model", str(checkpoint), "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) <= 1  # no perception: the answer alone
+    graph_options = {"force": (region, "Two.<|im_end|>")}
+    real = graph_module.build_graph
+    try:
+        graph_module.build_graph = lambda *a, **kw: real(*a, **kw, **graph_options)
+        assert main(argv) == 0
+    finally:
+        graph_module.build_graph = real
+    assert capsys.readouterr().out.splitlines() == [
+        "Two.", "region: cells x 1-2, y 0-0 of 8x8 -> crop (0, 0)-(45, 15) px"]
 
 
 def test_options_reach_the_graph(monkeypatch, checkpoint, image_path, capsys):
@@ -55,8 +65,8 @@ def test_options_reach_the_graph(monkeypatch, checkpoint, image_path, capsys):
     assert seen == {"model": str(checkpoint), "max_perception_steps": 0, "mode": "direct", "max_new_tokens": 3}
 
 
-@pytest.mark.skipif(hasattr(vpt_model, "default_model"), reason="a demo model is bundled")
-def test_without_a_model_warns_about_the_random_demo_model(image_path, capsys):
+@pytest.mark.skipif(bundled(), reason="a demo model is bundled")
+def test_without_a_model_warns_about_the_random_fallback(image_path, capsys):
     assert main(["ask", str(image_path), "What is it?", "--max-new-tokens", "2"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("vpt-agent: warning: no bundled demo model")
@@ -76,6 +86,8 @@ def _one_error_line(err: str, message: str) -> None:
         (["ask", "{img}", "   "], "the question is empty"),
         (["ask", "{img}", "Q?", "--model", "{tmp}"], "has no config.json"),
         (["ask", "{img}", "Q?", "--max-steps", "-1", "--model", "{ckpt}"], "max_perception_steps"),
+        (["ask", "{img}"], "give an image and a question (or --example)"),
+        (["ask", "--example", "{img}"], "--example asks its own question"),
     ],
 )
 def test_runtime_errors_are_one_line(argv, message, tmp_path, image_path, checkpoint, capsys):
@@ -87,7 +99,6 @@ def test_runtime_errors_are_one_line(argv, message, tmp_path, image_path, checkp
     "argv, message",
     [
         (["ask", "{img}", "Q?", "--mode", "loud"], "invalid choice"),
-        (["ask", "{img}"], "required"),
         (["ask", "{img}", "Q?", "--max-steps", "two"], "invalid int value"),
         ([], "required"),
     ],

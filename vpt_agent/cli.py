@@ -1,4 +1,5 @@
-"""`vpt-agent ask IMAGE QUESTION`: answer a question about an image with the VPT graph;
+"""`vpt-agent ask IMAGE QUESTION` (or `ask --example`): answer a question about an image with the VPT
+graph, printing the answer and the regions the model looked at;
 `vpt-agent eval DATASET.json --out DIR`: score it on a dataset (`vpt_agent.evaluation`).
 
 Errors print one line to stderr and exit 1 (2 for usage errors); warnings print one line each.
@@ -12,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .errors import VPTError
+from .errors import ConfigError, VPTError
 from .evaluation.cli import add_eval_parser, run_eval
 
 PROG = "vpt-agent"
@@ -28,8 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Visual Perception Tokens for Qwen2-VL as a LangGraph state machine.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ask = commands.add_parser("ask", help="answer a question about an image")
-    ask.add_argument("image", help="image file")
-    ask.add_argument("question", help="the question")
+    ask.add_argument("image", nargs="?", help="image file")
+    ask.add_argument("question", nargs="?", help="the question")
+    ask.add_argument("--example", action="store_true",
+                     help="ask the bundled example question about the bundled example image")
     ask.add_argument("--model", metavar="PATH", help="VPT checkpoint directory (default: the bundled demo model)")
     ask.add_argument("--json", action="store_true", help="print answer, actions, regions, steps and error as JSON")
     ask.add_argument("--trace", metavar="PNG", help="draw the regions, crops, question and answer to this file")
@@ -66,9 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _ask(args: argparse.Namespace) -> int:
     from .graph import build_graph  # heavy imports only once the arguments are valid
     from .images import load_image, validate_question
+    from .model.demo import example
     from .state import result_json
     from .trace import render_trace
 
+    if args.example:
+        if args.image or args.question:
+            raise ConfigError("--example asks its own question; give no image or question with it")
+        shipped = example()
+        args.image, args.question = str(shipped.image), shipped.question
+        print(f"{shipped.image}\nQ: {shipped.question}")
+    elif args.image is None or args.question is None:
+        raise ConfigError("give an image and a question (or --example)")
     image = load_image(args.image)  # fail fast, before loading the model
     question = validate_question(args.question)
     graph = build_graph(
@@ -80,10 +92,24 @@ def _ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result_json(result), indent=2, ensure_ascii=False))
     else:
-        print(result["answer"])
+        print(("A: " if args.example else "") + result["answer"])
+        for action in result["actions"]:
+            print(_describe(action))
         if result["error"]:
             print(f"{PROG}: warning: {result['error']}", file=sys.stderr)
     return 0
+
+
+def _describe(action: dict) -> str:
+    """One line per perception step: the cells and pixel box of each region, or the branch."""
+    if action["kind"] != "region":
+        return f"re-encoded with {action['reencode']['branch']}"
+    parts = []
+    for region in action["regions"]:
+        x0, y0, x1, y1 = region["cells"]
+        x0b, y0b, x1b, y1b = region["box"]
+        parts.append(f"cells x {x0}-{x1}, y {y0}-{y1} of 8x8 -> crop ({x0b}, {y0b})-({x1b}, {y1b}) px")
+    return "region: " + "; ".join(parts)
 
 
 if __name__ == "__main__":

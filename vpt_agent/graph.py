@@ -22,6 +22,8 @@ from pydantic import BaseModel, Field
 from . import model as vpt_model
 from .configuration import VPTOptions
 from .errors import ConfigError
+from .model.demo import bundled as demo_bundled
+from .model.demo import default_model
 from .model.loading import load_tokenizer
 from .model.tokenizer import special_ids
 from .nodes import VPTNodes
@@ -71,11 +73,10 @@ def build_graph(
 
 def resolve_model(model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) from a model object and its tokenizer, a checkpoint directory, or None
-    (the bundled demo model; a tiny random-weight model with a warning until one is bundled)."""
+    (the bundled demo model; a tiny random-weight model with a warning where none is bundled)."""
     if model is None:
-        default = getattr(vpt_model, "default_model", None)
-        if default is not None:
-            return default()
+        if demo_bundled():
+            return default_model()
         from .model.tiny import tiny_vpt_model
 
         warnings.warn(
