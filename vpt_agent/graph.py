@@ -22,8 +22,7 @@ from pydantic import BaseModel, Field
 from . import model as vpt_model
 from .configuration import VPTOptions
 from .errors import ConfigError
-from .model.demo import bundled as demo_bundled
-from .model.demo import default_model
+from .model.demo import bundled as demo_bundled, default_model
 from .model.loading import load_tokenizer
 from .model.tokenizer import special_ids
 from .nodes import VPTNodes

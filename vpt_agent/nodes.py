@@ -36,7 +36,7 @@ from .perception.crop import crops
 from .perception.reencode import branch_features
 from .state import StepRecord, VPTState
 from .store import Event, RunCache, VPTStore
-from .tokens import BRANCHES, REGION_START, ParsedOutput, build_question, parse_actions
+from .tokens import ACTION_STARTS, BRANCHES, ParsedOutput, build_question, parse_actions
 
 
 REASK: dict[str, Any] = {"kind": "reask"}
@@ -65,8 +65,7 @@ class VPTNodes:
         self.model, self.tokenizer, self.options, self.store = model, tokenizer, options, store
         self.branches: tuple[str, ...] = tuple(model.config.branches)
         self.device = next(model.parameters()).device
-        starts = [REGION_START, *(BRANCHES[b].action_start for b in BRANCHES)]
-        self.action_starts: tuple[int, ...] = tuple(tokenizer.convert_tokens_to_ids(starts))
+        self.action_starts: tuple[int, ...] = tuple(tokenizer.convert_tokens_to_ids(list(ACTION_STARTS)))
         """Never generated in direct mode: the model answers from the global view."""
 
     # ------------------------------------------------------------------------------- nodes

@@ -148,6 +148,8 @@ BRANCHES: Mapping[str, Branch] = MappingProxyType(
 """The re-encoding branches in vocabulary order (detection, clip, seg)."""
 
 BRANCH_TOKENS: tuple[str, ...] = tuple(tok for b in BRANCHES.values() for tok in b.tokens)
+ACTION_STARTS: tuple[str, ...] = (REGION_START, *(b.action_start for b in BRANCHES.values()))
+"""The tokens that open a perception request (never generated in direct mode)."""
 VPT_SPECIAL_TOKENS: tuple[str, ...] = (*REGION_TOKENS, *BRANCH_TOKENS)
 ALL_SPECIAL_TOKENS: tuple[str, ...] = (*CHAT_TOKENS, *VPT_SPECIAL_TOKENS)
 

@@ -29,22 +29,20 @@ from .data.conversations import (
     Example,
     build_example,
     grounding_example,
-    prompt_ids,
     reading_example,
 )
 from .data.synthetic import FAMILIES, Family, Item, make_item, question_corpus
 from .model.config import VPTConfig
 from .model.loading import load_tokenizer
 from .model.modeling import VPTForConditionalGeneration
-from .model.reference import recompute_greedy, rope_index
+from .model.reference import rope_index
 from .model.session import VPTSession
 from .model.tiny import TINY_DINO, tiny_config
 from .model.session import DEFAULT_SYSTEM
 from .model.tokenizer import build_bpe_tokenizer
 from .perception.crop import crops
-from .perception.qwen_image import num_image_tokens, qwen_pixel_values
 from .perception.reencode import branch_features
-from .tokens import BRANCHES, REENCODE_PROMPT, REGION_PROMPT, REGION_START, PromptMode, build_question, parse_actions
+from .tokens import ACTION_STARTS, REENCODE_PROMPT, REGION_PROMPT, PromptMode, build_question, parse_actions
 
 TASKS: dict[PromptMode | Literal["ground", "read"], float] = {
     "region": 0.3, "reencode": 0.08, "free": 0.12, "direct": 0.1, "ground": 0.25, "read": 0.15,
@@ -174,11 +172,13 @@ def collate(examples: list[Example], model: VPTForConditionalGeneration) -> dict
 # ----------------------------------------------------------------------------------------- eval
 @torch.no_grad()
 def answer_in_session(model, tokenizer, items: list[Item], mode: PromptMode) -> tuple[list[str], list[bool]]:
-    """Greedy answers through `VPTSession` with at most one perception round, as the graph runs it;
-    also whether each crop holds the item's box (False without a crop)."""
+    """Greedy answers through `VPTSession` with at most one perception round, as the graph runs it
+    (direct mode: the action start tokens suppressed); also whether each crop holds the item's box
+    (False without a crop)."""
     device = next(model.parameters()).device
     images = [item.image.to(device) for item in items]
-    session = VPTSession(model, tokenizer)
+    suppress = tokenizer.convert_tokens_to_ids(list(ACTION_STARTS)) if mode == "direct" else ()
+    session = VPTSession(model, tokenizer, suppress=suppress)
     session.start(images, [build_question(item.question, mode) for item in items])
     first = session.generate(24)
     final, hits = dict(first), [False] * len(items)
@@ -196,34 +196,13 @@ def answer_in_session(model, tokenizer, items: list[Item], mode: PromptMode) -> 
     return [tokenizer.decode(final[row].token_ids, skip_special_tokens=True).strip() for row in range(len(items))], hits
 
 
-@torch.no_grad()
-def answer_directly(model, tokenizer, items: list[Item]) -> list[str]:
-    """Greedy answers to the unsuffixed question with every perception request suppressed: what
-    the global view alone gives (on fine_detail the demo model would otherwise crop)."""
-    device = next(model.parameters()).device
-    cfg = model.config
-    starts = [tokenizer.convert_tokens_to_ids(t) for t in (REGION_START, *(b.action_start for b in BRANCHES.values()))]
-    placeholders = [cfg.image_token_id, cfg.video_token_id, *(getattr(cfg, b.pad_field) for b in BRANCHES.values())]
-    answers = []
-    for item in items:
-        pixel_values, grid = qwen_pixel_values([item.image.to(device)], max_pixels=cfg.image_max_pixels)
-        ids = prompt_ids(tokenizer, build_question(item.question, "direct"), num_image_tokens(grid))
-        new = recompute_greedy(model, ids, stop_ids={cfg.para_end_id}, max_new_tokens=6,
-                               suppressed=placeholders + starts, pixel_values=pixel_values, image_grid_thw=grid)
-        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return answers
-
-
 def evaluate(model, tokenizer, items: list[Item], modes: tuple[PromptMode, ...] = ("region", "direct")) -> dict:
     """Accuracy per mode and family (exact answer match), and how often region mode's crop holds the target."""
     was_training = model.training
     model.eval()
     result: dict = {}
     for mode in modes:
-        if mode == "direct":
-            answers, hits = answer_directly(model, tokenizer, items), None
-        else:
-            answers, hits = answer_in_session(model, tokenizer, items, mode)
+        answers, hits = answer_in_session(model, tokenizer, items, mode)
         for family in sorted({item.family for item in items}):
             rows = [i for i, item in enumerate(items) if item.family == family]
             result[f"{mode}/{family}"] = sum(answers[i] == items[i].answer for i in rows) / len(rows)
