@@ -292,8 +292,7 @@ class VPTSession:
             ids[i, width - n :] = torch.tensor(seg.ids, device=self.device)
             pos[:, i, width - n :] = self._positions(row, seg, pixel_grids)
             new_valid[i, width - n :] = True
-            for name, src in (("features", seg.features), ("conditions", seg.conditions)):
-                target = features if name == "features" else conditions
+            for target, src in ((features, seg.features), (conditions, seg.conditions)):
                 for branch, value in src.items():
                     target.setdefault(branch, []).append(value)
             row.ids += seg.ids
