@@ -8,15 +8,17 @@ import pytest
 import torch
 
 from vpt_agent.data.conversations import (
+    BLOCK_QUESTION,
     GROUNDING_QUESTION,
     IGNORE,
+    block_reading_example,
     build_example,
     grounding_example,
     prompt_ids,
     reading_example,
     region_text,
 )
-from vpt_agent.data.synthetic import cells_covering, generate
+from vpt_agent.data.synthetic import COLOURS, SHAPES, block_scene, cells_covering, generate
 from vpt_agent.model.loading import load_tokenizer
 from vpt_agent.model.modeling import VPTForConditionalGeneration
 from vpt_agent.model.session import VPTSession
@@ -119,10 +121,30 @@ def test_grounding_conversation_names_and_locates_every_object(tiny, item):
         (cells,) = [r.cells for r in parse_actions("<|region_token_start|>" + region, item.size).regions]
         located[name] = cells
     assert located == {o.name: cells_covering(o.box, item.size) for o in item.objects}
-    width, height = item.size
-    centre_cells = [(int(o.centre[1] * 8 / height), int(o.centre[0] * 8 / width))
-                    for name in located for o in item.objects if o.name == name]
-    assert centre_cells == sorted(centre_cells)  # reading order of the centres' cells
+    order = [(list(COLOURS).index(name.split()[0]), SHAPES.index(name.split()[1])) for name in located]
+    assert order == sorted(order)  # by colour, then shape: not by position
+
+
+def test_block_reading_conversation_reads_nine_glyphs_at_crop_scale(tiny):
+    model, tokenizer = tiny
+    image, objects, cells = block_scene(0, 3)
+    size = (image.shape[2], image.shape[1])
+    box = region_box(cells, size)[1]
+    assert len(objects) == 9 and all(_inside(o.box, box) for o in objects)  # the crop holds the whole block
+    assert {cells_covering(o.box, size) for o in objects} == {
+        (x, y, x, y) for x in range(cells[0] - 1, cells[0] + 2) for y in range(cells[1] - 1, cells[1] + 2)}
+    example = block_reading_example(0, 3, tokenizer)
+    pixel_values, grid = qwen_pixel_values([crop(image, box)])
+    assert torch.equal(example.pixel_values, pixel_values)
+    prompt = prompt_ids(tokenizer, BLOCK_QUESTION, num_image_tokens(grid))
+    answer = "\n".join(f"{o.name} {o.glyph}" for o in objects) + IM_END
+    assert example.labels.tolist() == [IGNORE] * len(prompt) + ids(tokenizer, answer)
+    rows = [cells_covering(o.box, size)[1::-1] for o in objects]
+    assert rows == sorted(rows)  # reading order
+
+
+def _inside(inner, outer) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
 
 
 def test_reading_conversation_shows_the_crop_alone(tiny, item):
@@ -140,7 +162,8 @@ def mixed_examples(tokenizer) -> list:
     items = generate(0, 6)
     modes = ["region", "reencode", "free", "direct", "reencode"]
     examples = [build_example(item, mode, tokenizer, max_pixels=DEMO_MAX_PIXELS) for item, mode in zip(items, modes)]
-    return examples + [grounding_example(items[5], tokenizer, max_pixels=DEMO_MAX_PIXELS)]
+    return examples + [grounding_example(items[5], tokenizer, max_pixels=DEMO_MAX_PIXELS),
+                       block_reading_example(0, 0, tokenizer, max_pixels=DEMO_MAX_PIXELS)]
 
 
 def test_conversations_share_one_task_per_group():

@@ -32,14 +32,26 @@ BATCH = 64
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("marker", "lookup"), default="lookup")
+    parser.add_argument("--task", choices=("marker", "lookup", "colour", "adjacent"), default="lookup")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--theta", type=float, help="M-RoPE theta (default: the demo config's)")
+    parser.add_argument("--sections", type=int, nargs=3, help="M-RoPE sections (default: the demo config's)")
+    parser.add_argument("--marker-steps", type=int, default=0, help="first train this many steps on marker")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--y-first", action="store_true", help="the row token before the column token")
+    parser.add_argument("--hidden", type=int, help="LLM width (heads of 32)")
+    parser.add_argument("--objects", type=int, nargs=2, default=(4, 8), help="objects per example (lookup)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     tokenizer = demo_tokenizer()
-    config = demo_config(tokenizer, **({"rope_theta": args.theta} if args.theta else {}))
+    overrides = {"rope_theta": args.theta} if args.theta else {}
+    if args.sections:
+        overrides["rope_scaling"] = {"type": "mrope", "mrope_section": args.sections}
+    if args.hidden:
+        overrides.update(hidden=args.hidden, intermediate_size=3 * args.hidden, num_attention_heads=args.hidden // 32,
+                         num_key_value_heads=args.hidden // 64)
+    config = demo_config(tokenizer, **overrides)
     model = VPTForConditionalGeneration(config)
     lm, head = model.model.language_model, model.lm_head
     hidden, slots = config.text_config.hidden_size, NUM_CUT * NUM_CUT
@@ -56,35 +68,45 @@ def main() -> None:
     def question(name: str) -> list[int]:
         return ids(f"<|vision_end|>\nWhere is the {name}?<|im_end|>\n<|im_start|>assistant\n{REGION_START}")
 
-    def example() -> tuple[list[int], torch.Tensor]:
+    def example(task: str) -> tuple[list[int], torch.Tensor]:
         content = torch.randn(slots, hidden) * 0.5
-        if args.task == "marker":
+        if task == "marker":
             cell = int(torch.randint(slots, ()))
             content[cell] += marker
             text = question("mark")
         else:
-            count = int(torch.randint(4, 9, ()))
+            count = int(torch.randint(args.objects[0], args.objects[1] + 1, ()))
             cells, pairs = torch.randperm(slots)[:count], torch.randperm(len(COLOURS) * len(SHAPES))[:count]
+            if task == "colour":  # every colour at most once: one attribute selects the object
+                colours = torch.randperm(len(COLOURS))[: min(count, len(COLOURS))]
+                count, cells = len(colours), cells[: len(colours)]
+                pairs = colours * len(SHAPES) + torch.randint(len(SHAPES), (count,))
             for c, p in zip(cells, pairs):
                 content[c] += colour_vectors[p // len(SHAPES)] + shape_vectors[p % len(SHAPES)]
             k = int(torch.randint(count, ()))
             cell, pair = int(cells[k]), int(pairs[k])
-            text = question(f"{list(COLOURS)[pair // len(SHAPES)]} {SHAPES[pair % len(SHAPES)]}")
-        row = start + [config.image_token_id] * slots + text + [int(xs[cell % NUM_CUT]), int(ys[cell // NUM_CUT])]
+            name = f"{list(COLOURS)[pair // len(SHAPES)]} {SHAPES[pair % len(SHAPES)]}"
+            if task == "adjacent":  # the name right before the region tokens, as a grounding answer has it
+                text = ids(f"<|vision_end|>\nWhere is each shape?<|im_end|>\n<|im_start|>assistant\n{name}{REGION_START}")
+            else:
+                text = question(name)
+        target = [int(xs[cell % NUM_CUT]), int(ys[cell // NUM_CUT])]
+        row = start + [config.image_token_id] * slots + text + (target[::-1] if args.y_first else target)
         return row, content
 
-    optimizer = torch.optim.AdamW([*lm.parameters(), *head.parameters()], lr=2e-3, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW([*lm.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.05)
-    grid = torch.tensor([[1, 2 * NUM_CUT, 2 * NUM_CUT]] * BATCH)
+    
     positions = None
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
-        rows, contents = zip(*(example() for _ in range(BATCH)))
-        if len({len(r) for r in rows}) > 1:
-            raise SystemExit("the questions tokenize to different lengths")
+        task = "marker" if step <= args.marker_steps else args.task
+        pool = [example(task) for _ in range(4 * BATCH)]
+        length = len(pool[0][0])  # the names tokenize to different lengths: keep one per batch
+        rows, contents = zip(*[e for e in pool if len(e[0]) == length][:BATCH])
         batch = torch.tensor(rows)
-        if positions is None:  # every row has the same layout
-            positions = rope_index(model, batch, grid)
+        if positions is None or positions.shape[1:] != batch.shape:  # every row has the same layout
+            positions = rope_index(model, batch, torch.tensor([[1, 2 * NUM_CUT, 2 * NUM_CUT]] * len(rows)))
         embeds = lm.get_input_embeddings()(batch)
         embeds[:, len(start) : len(start) + slots] = torch.stack(contents)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -96,7 +118,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0:
             x_acc, y_acc = (logits.argmax(-1) == batch[:, -2:]).float().mean(0).tolist()
-            print(f"{args.task} step {step}: loss {loss.item():.3f}, x {x_acc:.2f}, y {y_acc:.2f} "
+            print(f"{task} step {step}: loss {loss.item():.3f}, x {x_acc:.2f}, y {y_acc:.2f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
 

@@ -24,9 +24,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data.conversations import (
+    BLOCK_QUESTION,
     GROUNDING_QUESTION,
     IGNORE,
     Example,
+    block_reading_example,
     build_example,
     grounding_example,
     reading_example,
@@ -44,14 +46,15 @@ from .perception.crop import crops
 from .perception.reencode import branch_features
 from .tokens import ACTION_STARTS, REENCODE_PROMPT, REGION_PROMPT, PromptMode, build_question, parse_actions
 
-TASKS: dict[PromptMode | Literal["ground", "read"], float] = {
-    "region": 0.3, "reencode": 0.08, "free": 0.12, "direct": 0.1, "ground": 0.25, "read": 0.15,
+TASKS: dict[PromptMode | Literal["ground", "read", "read_block"], float] = {
+    "region": 0.25, "reencode": 0.07, "free": 0.1, "direct": 0.08, "ground": 0.25, "read": 0.1, "read_block": 0.15,
 }
-"""Task mix: the four prompt modes and two auxiliary tasks with denser, cheaper labels: "ground"
-(`grounding_example`: name and locate every object) and "read" (`reading_example`: a fine_detail
-question about its crop alone). free and direct
-share the unsuffixed prompt: on fine_detail the model learns to prefer a region (free) and, with
-the action tokens suppressed (the graph's direct mode), to guess from the global view."""
+"""Task mix: the four prompt modes and three auxiliary tasks with denser, cheaper labels: "ground"
+(`grounding_example`: the region of every object, by name), "read" (`reading_example`: a
+fine_detail question about its crop alone) and "read_block" (`block_reading_example`: the glyphs
+of 9 objects in a crop-sized view). free and direct share the unsuffixed prompt: on fine_detail the
+model learns to prefer a region (free) and, with the action tokens suppressed (the graph's direct
+mode), to guess from the global view."""
 FAMILY_MIX: dict[Family, float] = {"fine_detail": 0.45, "spatial": 0.2, "counting": 0.15, "existence": 0.2}
 TRAIN_STATE = "train_state.pt"
 DEMO_MAX_PIXELS = 224 * 224
@@ -61,8 +64,8 @@ DEMO_MAX_PIXELS = 224 * 224
 def demo_tokenizer():
     """Byte-level BPE trained on every benchmark question and the fixed template texts (weighted so
     each of their words becomes one token): ~460 ids."""
-    fixed = [REGION_PROMPT, REENCODE_PROMPT, DEFAULT_SYSTEM, GROUNDING_QUESTION, "system\n", "user\n", "assistant\n",
-             "Region 1: "]
+    fixed = [REGION_PROMPT, REENCODE_PROMPT, DEFAULT_SYSTEM, GROUNDING_QUESTION, BLOCK_QUESTION, "system\n", "user\n",
+             "assistant\n", "Region 1: "]
     return build_bpe_tokenizer(question_corpus() + fixed * 1000)
 
 
@@ -134,6 +137,8 @@ class Conversations(Dataset):
 
     def __getitem__(self, index: int) -> Example:
         family, task = self.task(index)
+        if task == "read_block":
+            return block_reading_example(self.seed, index, self.tokenizer, max_pixels=self.max_pixels)
         item = make_item(self.seed, index, ("fine_detail",) if task == "read" else (family,))
         if task == "ground":
             return grounding_example(item, self.tokenizer, max_pixels=self.max_pixels)

@@ -44,7 +44,7 @@ from ..tokens import (
     region_box,
     second_round_user_text,
 )
-from .synthetic import Item, cells_covering
+from .synthetic import COLOURS, SHAPES, Item, block_scene, cells_covering
 
 IGNORE = -100
 Route = Literal["region", "reencode", "answer"]
@@ -52,9 +52,11 @@ DINO = BRANCHES["dino"]
 ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
 """Closes a user turn and opens the assistant's."""
 NEXT_USER = "\n<|im_start|>user\n"
+"""Follows an assistant turn's ``<|im_end|>``."""
 GROUNDING_QUESTION = "Where is each shape?"
 """The auxiliary grounding task's question (`grounding_example`)."""
-"""Follows an assistant turn's ``<|im_end|>``."""
+BLOCK_QUESTION = "What character is in each shape?"
+"""The auxiliary block reading task's question (`block_reading_example`)."""
 
 
 @dataclass
@@ -138,16 +140,25 @@ def grounding_example(
     item: Item, tokenizer, *, system_prompt: str = DEFAULT_SYSTEM, max_pixels: int | None = None
 ) -> Example:
     """An auxiliary training conversation (not a benchmark question): `GROUNDING_QUESTION` about
-    the global image, answered with every object's name and cells in reading order of their centre
-    cells. It gives each image 4-8 localization targets where a benchmark question gives one."""
-    width, height = item.size
-
-    def reading_order(obj) -> tuple[int, int]:
-        return int(obj.centre[1] * NUM_CUT / height), int(obj.centre[0] * NUM_CUT / width)
-
-    objects = sorted(item.objects, key=reading_order)
+    the global image, answered with every object's name and cells, in the order of `COLOURS`, then
+    `SHAPES`: each name is followed by its region, so one image gives 4-8 name -> region lookups
+    (the skill region mode needs) where a benchmark question gives one."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    objects = sorted(item.objects, key=lambda o: (colours.index(o.colour), shapes.index(o.shape)))
     answer = "\n".join(o.name + region_text(cells_covering(o.box, item.size)) for o in objects)
     return _one_round(item.image, GROUNDING_QUESTION, answer, tokenizer, system_prompt, max_pixels)
+
+
+def block_reading_example(
+    seed: int, index: int, tokenizer, *, system_prompt: str = DEFAULT_SYSTEM, max_pixels: int | None = None
+) -> Example:
+    """An auxiliary training conversation: the view a region of one cell shows (`block_scene`'s
+    3x3 block, 9 objects) as the only image, `BLOCK_QUESTION`, and each object's name and glyph in
+    reading order: 9 glyphs to read per image where a fine_detail question has one."""
+    image, objects, cells = block_scene(seed, index)
+    view = crop(image, region_box(cells, (image.shape[2], image.shape[1]))[1])
+    answer = "\n".join(f"{o.name} {o.glyph}" for o in objects)
+    return _one_round(view, BLOCK_QUESTION, answer, tokenizer, system_prompt, max_pixels)
 
 
 def reading_example(

@@ -57,6 +57,8 @@ SQUARE = 0.5
 have aspect ratio ASPECT."""
 ASPECT = (0.7, 1.0)
 OBJECTS = (4, 8)
+BLOCK = 3
+"""`block_scene`'s block side in cells: the view a region of one cell shows (its one-cell margin)."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,21 @@ def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def _scene(rng: np.random.Generator) -> tuple[Image.Image, list[SceneObject]]:
+def block_scene(seed: int, index: int) -> tuple[torch.Tensor, tuple[SceneObject, ...], Cells]:
+    """Scene ``index`` of the stream ``seed`` with an object in each of the 9 cells of one 3x3 block
+    of the grid (a training scene, not a benchmark one): (uint8 image, objects, the block's centre
+    cell as a region, whose one-cell margin is the block)."""
+    rng = np.random.default_rng([seed, index, 3])
+    image, objects = _scene(rng, block=True)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), tuple(objects), _block_centre(objects, image.size)
+
+
+def _block_centre(objects: Sequence[SceneObject], size: tuple[int, int]) -> Cells:
+    x0, y0, x1, y1 = cells_covering(union([o.box for o in objects]), size)
+    return (x0 + x1) // 2, (y0 + y1) // 2, (x0 + x1) // 2, (y0 + y1) // 2
+
+
+def _scene(rng: np.random.Generator, block: bool = False) -> tuple[Image.Image, list[SceneObject]]:
     long_side = int(rng.integers(*LONG_SIDE, endpoint=True))
     short_side = long_side if rng.random() < SQUARE else int(long_side * rng.uniform(*ASPECT))
     width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
@@ -162,9 +178,13 @@ def _scene(rng: np.random.Generator) -> tuple[Image.Image, list[SceneObject]]:
     cell_w, cell_h = width / NUM_CUT, height / NUM_CUT
     cell = min(cell_w, cell_h)
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    count = int(rng.integers(OBJECTS[0], OBJECTS[1], endpoint=True))
+    count = BLOCK * BLOCK if block else int(rng.integers(OBJECTS[0], OBJECTS[1], endpoint=True))
     chosen = rng.permutation(len(pairs))[:count]
-    cells = rng.permutation(NUM_CUT * NUM_CUT)[:count]
+    if block:
+        bx, by = (int(v) for v in rng.integers(NUM_CUT - BLOCK + 1, size=2))
+        cells = [(by + k // BLOCK) * NUM_CUT + bx + k % BLOCK for k in range(count)]
+    else:
+        cells = rng.permutation(NUM_CUT * NUM_CUT)[:count]
     objects: list[SceneObject] = []
     for pair, index in zip(chosen, cells):
         colour, shape = pairs[pair]
