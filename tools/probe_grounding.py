@@ -8,10 +8,15 @@ as for a 224x224 image) whose input embeddings are made up here instead of comin
 then the region tokens of one cell as the target:
 
 * ``marker``: noise in every slot, one slot marked ("Where is the mark?") - position only;
-* ``lookup``: 4-8 objects, each a fixed random colour vector plus a shape vector in its slot
-  ("Where is the red circle?") - the question must select one object by both attributes.
+* ``lookup``: 4-8 objects (``--objects``), each a fixed random colour vector plus a shape vector in
+  its slot ("Where is the red circle?") - the question must select one object by both attributes;
+* ``colour``: as lookup, every colour at most once (one attribute selects the object);
+* ``adjacent``: as lookup, the name right before the region tokens, as in a grounding answer.
 
-Prints the loss and the x / y accuracy every 100 steps (batch 64, bf16 autocast, AdamW 2e-3).
+Knobs: ``--theta`` / ``--sections`` (M-RoPE), ``--hidden``, ``--lr``, ``--marker-steps`` (a
+marker curriculum first), ``--y-first`` (the row token first). Prints the loss and the first /
+second region token's accuracy every 100 steps (batch 64, bf16 autocast, AdamW).
+Logs: tools/results/probe_grounding_*.txt.
 """
 from __future__ import annotations
 

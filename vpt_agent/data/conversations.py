@@ -35,7 +35,6 @@ from ..tokens import (
     REGION_START,
     VISION_END,
     VISION_START,
-    NUM_CUT,
     X_TOKENS,
     Y_TOKENS,
     Cells,
