@@ -134,8 +134,7 @@ def make_item(seed: int, index: int, families: Sequence[Family] = FAMILIES) -> I
     size = (image.width, image.height)
     box = union([o.box for o in about]) if about else None
     cells = cells_covering(box, size) if box else (0, 0, NUM_CUT - 1, NUM_CUT - 1)
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
-    return Item(tensor, question, answer, family, box, cells, tuple(objects))
+    return Item(_tensor(image), question, answer, family, box, cells, tuple(objects))
 
 
 def question_corpus() -> list[str]:
@@ -160,7 +159,12 @@ def block_scene(seed: int, index: int) -> tuple[torch.Tensor, tuple[SceneObject,
     cell as a region, whose one-cell margin is the block)."""
     rng = np.random.default_rng([seed, index, 3])
     image, objects = _scene(rng, block=True)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), tuple(objects), _block_centre(objects, image.size)
+    return _tensor(image), tuple(objects), _block_centre(objects, image.size)
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 (3, H, W)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 
 def _block_centre(objects: Sequence[SceneObject], size: tuple[int, int]) -> Cells:
