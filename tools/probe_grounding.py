@@ -25,13 +25,15 @@ import time
 
 import torch
 
+from vpt_agent.data.conversations import ASSISTANT, GROUNDING_QUESTION
 from vpt_agent.data.synthetic import COLOURS, SHAPES
 from vpt_agent.model.modeling import VPTForConditionalGeneration
 from vpt_agent.model.reference import rope_index
+from vpt_agent.model.session import DEFAULT_SYSTEM
 from vpt_agent.tokens import NUM_CUT, REGION_START, X_TOKENS, Y_TOKENS
 from vpt_agent.train import demo_config, demo_tokenizer
 
-PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+PROMPT = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
 BATCH = 64
 
 
@@ -71,7 +73,7 @@ def main() -> None:
     marker = torch.randn(hidden) * 2
 
     def question(name: str) -> list[int]:
-        return ids(f"<|vision_end|>\nWhere is the {name}?<|im_end|>\n<|im_start|>assistant\n{REGION_START}")
+        return ids(f"<|vision_end|>\nWhere is the {name}?{ASSISTANT}{REGION_START}")
 
     def example(task: str) -> tuple[list[int], torch.Tensor]:
         content = torch.randn(slots, hidden) * 0.5
@@ -92,7 +94,7 @@ def main() -> None:
             cell, pair = int(cells[k]), int(pairs[k])
             name = f"{list(COLOURS)[pair // len(SHAPES)]} {SHAPES[pair % len(SHAPES)]}"
             if task == "adjacent":  # the name right before the region tokens, as a grounding answer has it
-                text = ids(f"<|vision_end|>\nWhere is each shape?<|im_end|>\n<|im_start|>assistant\n{name}{REGION_START}")
+                text = ids(f"<|vision_end|>\n{GROUNDING_QUESTION}{ASSISTANT}{name}{REGION_START}")
             else:
                 text = question(name)
         target = [int(xs[cell % NUM_CUT]), int(ys[cell // NUM_CUT])]
@@ -101,7 +103,6 @@ def main() -> None:
 
     optimizer = torch.optim.AdamW([*lm.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.05)
-    
     positions = None
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
