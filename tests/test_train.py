@@ -18,7 +18,8 @@ from vpt_agent.data.conversations import (
     reading_example,
     region_text,
 )
-from vpt_agent.data.synthetic import COLOURS, SHAPES, block_scene, cells_covering, generate
+from vpt_agent.data.synthetic import COLOURS, GLYPHS, SHAPES, block_scene, cells_covering, generate
+from vpt_agent.data.token_labels import COLUMNS, NAMES
 from vpt_agent.model.loading import load_tokenizer
 from vpt_agent.model.modeling import VPTForConditionalGeneration
 from vpt_agent.model.session import VPTSession
@@ -26,7 +27,7 @@ from vpt_agent.model.tiny import TINY_DINO, tiny_vpt_model
 from vpt_agent.perception.crop import crop
 from vpt_agent.perception.qwen_image import num_image_tokens, qwen_pixel_values
 from vpt_agent.perception.reencode import branch_features
-from vpt_agent.tokens import BRANCHES, IM_END, build_question, parse_actions, region_box
+from vpt_agent.tokens import BRANCHES, IM_END, IMAGE_PAD, build_question, parse_actions, region_box
 from vpt_agent.train import (
     DEMO_MAX_PIXELS,
     TASKS,
@@ -35,6 +36,7 @@ from vpt_agent.train import (
     collate,
     demo_config,
     demo_tokenizer,
+    TokenHead,
     train,
     train_step,
 )
@@ -158,6 +160,47 @@ def test_reading_conversation_shows_the_crop_alone(tiny, item):
     assert example.labels.tolist() == [IGNORE] * len(prompt) + ids(tokenizer, item.answer + IM_END)
 
 
+def test_token_labels_name_each_objects_token_its_cell_and_at_crop_scale_its_glyph(tiny, item):
+    model, tokenizer = tiny
+    example = build_example(item, "region", tokenizer, max_pixels=DEMO_MAX_PIXELS)
+    (_, h0, w0), (_, h1, w1) = example.image_grid_thw.tolist()
+    first, crop_labels = example.token_labels.split([h0 * w0 // 4, h1 * w1 // 4])
+    rows, cols = h0 // 2, w0 // 2
+    for obj in item.objects:  # the global view: the object's name in the token over its centre
+        (cx, cy), (width, height) = obj.centre, item.size
+        index = int(cy * rows / height) * cols + int(cx * cols / width)
+        assert NAMES[first[index, 0] - 1] == (obj.colour, obj.shape)
+        assert first[index, 3] == IGNORE  # unreadable there
+    assert (first[:, 0] > 0).sum() == len(item.objects)
+    x, y = cells_covering(item.about[0].box, item.size)[:2]  # a token's cell: where its centre lies
+    assert (first[:, 1] == x).sum() == rows * cols // 8 and (first[:, 2] == y).sum() == rows * cols // 8
+    assert (crop_labels[:, 1:3] == IGNORE).all()  # a crop does not show where it lies
+    (target,) = [row for row in crop_labels if row[0] == 1 + NAMES.index((item.about[0].colour, item.about[0].shape))]
+    assert GLYPHS[target[3]] == item.answer
+
+
+def test_focus_pairs_point_the_region_and_the_answer_at_the_objects_tokens(tiny, item):
+    model, tokenizer = tiny
+    example = build_example(item, "region", tokenizer, max_pixels=DEMO_MAX_PIXELS)
+    tokens, pad = example.input_ids.tolist(), tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    pads = [i for i, t in enumerate(tokens) if t == pad]
+    n_global = int(example.image_grid_thw[0].prod()) // 4
+    (obj,) = item.about
+    name = 1 + NAMES.index((obj.colour, obj.shape))
+    global_key = pads[int((example.token_labels[:n_global, 0] == name).nonzero())]
+    crop_key = pads[n_global + int((example.token_labels[n_global:, 0] == name).nonzero())]
+    predicted = {}
+    for query, key in example.focus.tolist():
+        predicted.setdefault(key, []).append(example.labels[query + 1].item())
+    assert set(predicted) == {global_key, crop_key}
+    assert tokenizer.decode(predicted[global_key], skip_special_tokens=False) == region_text(item.cells)
+    assert tokenizer.decode(predicted[crop_key]) == item.answer
+    block = block_reading_example(0, 3, tokenizer, max_pixels=DEMO_MAX_PIXELS)
+    glyphs = [tokenizer.decode([block.labels[q + 1].item()]) for q, _ in block.focus.tolist()]
+    assert "".join(glyphs).split() == [o.glyph for o in block_scene(0, 3)[1]]
+    assert len(set(block.focus[:, 1].tolist())) == 9  # one token per object
+
+
 def mixed_examples(tokenizer) -> list:
     items = generate(0, 6)
     modes = ["region", "reencode", "free", "direct", "reencode"]
@@ -183,9 +226,14 @@ def test_a_few_steps_lower_the_loss():
     batch = collate(mixed_examples(tokenizer), model)
     assert batch["detection_images"] is not None and batch["detection_images"].shape[0] >= 2
     assert batch["position_ids"].shape == (3, *batch["input_ids"].shape)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = [float(train_step(model, batch, optimizer)) for _ in range(8)]
-    assert losses[-1] < 0.75 * losses[0]
+    model.set_attn_implementation("eager")
+    head = TokenHead(model.config.text_config.hidden_size)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-2)
+    steps = [train_step(model, head, batch, optimizer) for _ in range(8)]
+    assert set(steps[0]) >= {"loss", "focus", "name", "x", "y", "glyph", "name_acc", "glyph_acc"}
+    assert steps[-1]["loss"] < 0.75 * steps[0]["loss"]
+    assert steps[-1]["focus"] < 0.95 * steps[0]["focus"]  # the slowest: a lookup
+    assert sum(steps[-1][k] for k in COLUMNS) < 0.75 * sum(steps[0][k] for k in COLUMNS)
 
 
 @torch.no_grad()

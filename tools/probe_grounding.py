@@ -14,7 +14,9 @@ then the region tokens of one cell as the target:
 * ``adjacent``: as lookup, the name right before the region tokens, as in a grounding answer.
 
 Knobs: ``--theta`` / ``--sections`` (M-RoPE), ``--hidden``, ``--lr``, ``--marker-steps`` (a
-marker curriculum first), ``--y-first`` (the row token first). Prints the loss and the first /
+marker curriculum first), ``--y-first`` (the row token first), ``--position-features`` (each slot
+also holds its row and column vectors, as the demo ViT's are trained to), ``--attention-loss
+LAYER`` (head 0 of LAYER also trained to attend to the named object: `vpt_agent.train.focus_loss`). Prints the loss and the first /
 second region token's accuracy every 100 steps (batch 64, bf16 autocast, AdamW).
 Logs: tools/results/probe_grounding_*.txt.
 """
@@ -31,7 +33,7 @@ from vpt_agent.model.modeling import VPTForConditionalGeneration
 from vpt_agent.model.reference import rope_index
 from vpt_agent.model.session import DEFAULT_SYSTEM
 from vpt_agent.tokens import NUM_CUT, REGION_START, X_TOKENS, Y_TOKENS
-from vpt_agent.train import demo_config, demo_tokenizer
+from vpt_agent.train import demo_config, demo_tokenizer, focus_loss
 
 PROMPT = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
 BATCH = 64
@@ -48,6 +50,10 @@ def main() -> None:
     parser.add_argument("--y-first", action="store_true", help="the row token before the column token")
     parser.add_argument("--hidden", type=int, help="LLM width (heads of 32)")
     parser.add_argument("--objects", type=int, nargs=2, default=(4, 8), help="objects per example (lookup)")
+    parser.add_argument("--position-features", action="store_true",
+                        help="every slot also holds a row and a column vector (what a ViT trained per token gives)")
+    parser.add_argument("--attention-loss", type=int, metavar="LAYER",
+                        help="also train head 0 of LAYER to attend from the region tokens' inputs to the object")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -61,6 +67,8 @@ def main() -> None:
     config = demo_config(tokenizer, **overrides)
     model = VPTForConditionalGeneration(config)
     lm, head = model.model.language_model, model.lm_head
+    if args.attention_loss is not None:
+        model.set_attn_implementation("eager")
     hidden, slots = config.text_config.hidden_size, NUM_CUT * NUM_CUT
 
     def ids(text: str) -> list[int]:
@@ -71,12 +79,15 @@ def main() -> None:
     ys = torch.tensor(tokenizer.convert_tokens_to_ids(list(Y_TOKENS)))
     colour_vectors, shape_vectors = torch.randn(len(COLOURS), hidden), torch.randn(len(SHAPES), hidden)
     marker = torch.randn(hidden) * 2
+    row_vectors, column_vectors = torch.randn(NUM_CUT, hidden) * 0.5, torch.randn(NUM_CUT, hidden) * 0.5
 
     def question(name: str) -> list[int]:
         return ids(f"<|vision_end|>\nWhere is the {name}?{ASSISTANT}{REGION_START}")
 
     def example(task: str) -> tuple[list[int], torch.Tensor]:
         content = torch.randn(slots, hidden) * 0.5
+        if args.position_features:
+            content += (row_vectors[:, None] + column_vectors[None]).flatten(0, 1)
         if task == "marker":
             cell = int(torch.randint(slots, ()))
             content[cell] += marker
@@ -99,7 +110,7 @@ def main() -> None:
                 text = question(name)
         target = [int(xs[cell % NUM_CUT]), int(ys[cell // NUM_CUT])]
         row = start + [config.image_token_id] * slots + text + (target[::-1] if args.y_first else target)
-        return row, content
+        return row, content, cell
 
     optimizer = torch.optim.AdamW([*lm.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.05)
@@ -109,22 +120,29 @@ def main() -> None:
         task = "marker" if step <= args.marker_steps else args.task
         pool = [example(task) for _ in range(4 * BATCH)]
         length = len(pool[0][0])  # the names tokenize to different lengths: keep one per batch
-        rows, contents = zip(*[e for e in pool if len(e[0]) == length][:BATCH])
+        rows, contents, cells = zip(*[e for e in pool if len(e[0]) == length][:BATCH])
         batch = torch.tensor(rows)
         if positions is None or positions.shape[1:] != batch.shape:  # every row has the same layout
             positions = rope_index(model, batch, torch.tensor([[1, 2 * NUM_CUT, 2 * NUM_CUT]] * len(rows)))
         embeds = lm.get_input_embeddings()(batch)
         embeds[:, len(start) : len(start) + slots] = torch.stack(contents)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            states = lm(inputs_embeds=embeds, position_ids=positions).last_hidden_state
-            logits = head(states[:, -3:-1]).float()
+            out = lm(inputs_embeds=embeds, position_ids=positions, output_attentions=args.attention_loss is not None)
+            logits = head(out.last_hidden_state[:, -3:-1]).float()
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, -2:].flatten())
+        if args.attention_loss is not None:  # the two region tokens' inputs onto the object's slot
+            length, slot = batch.shape[1], torch.tensor(cells) + len(start)
+            focus = torch.cat([torch.stack([torch.arange(len(rows)), torch.full_like(slot, length - k), slot], 1)
+                               for k in (3, 2)])
+            focused = focus_loss(out.attentions[args.attention_loss], focus)
+            loss = loss + focused
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0:
             x_acc, y_acc = (logits.argmax(-1) == batch[:, -2:]).float().mean(0).tolist()
-            print(f"{task} step {step}: loss {loss.item():.3f}, x {x_acc:.2f}, y {y_acc:.2f} "
+            focus = "" if args.attention_loss is None else f" focus loss {focused.item():.2f},"
+            print(f"{task} step {step}: loss {loss.item():.3f}, x {x_acc:.2f}, y {y_acc:.2f},{focus} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
 

@@ -34,6 +34,7 @@ from .data.conversations import (
     reading_example,
 )
 from .data.synthetic import FAMILIES, Family, Item, make_item, question_corpus
+from .data.token_labels import COLUMNS
 from .model.config import VPTConfig
 from .model.loading import load_tokenizer
 from .model.modeling import VPTForConditionalGeneration
@@ -80,12 +81,10 @@ def demo_config(tokenizer, **overrides) -> VPTConfig:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        # M-RoPE gives image rows / columns the 2nd / 3rd band of frequencies; with Qwen2-VL's
-        # theta 1e6 and 16 frequencies those turn < 0.03 rad per cell. theta 2: 0.92-0.52 rad per
-        # row and column, with which the LLM alone learns to name a marked cell in ~200 steps
-        # (tools/probe_grounding.py). The temporal band (constant over an image) keeps 2 of 16.
+        # theta 1e4 (not Qwen2-VL's 1e6: 16 frequencies per head here) keeps slow frequencies for the
+        # name -> object match across the prompt; the positions come from the ViT (TokenHead's x / y)
         rope_scaling={"type": "mrope", "mrope_section": [2, 7, 7]},  # head_dim 32
-        rope_theta=2.0,
+        rope_theta=1e4,
         vision_config={"depth": 4, "embed_dim": 96, "num_heads": 4, "mlp_ratio": 4, "hidden_size": hidden,
                        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
         detection_encoder_config={**TINY_DINO, "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4},
@@ -110,6 +109,10 @@ class TrainArgs:
     eval_every: int = 1000
     eval_items: int = 32
     log_every: int = 10
+    vision_weight: float = 1.0
+    """Weight of `TokenHead`'s loss next to the LLM's."""
+    focus_weight: float = 1.0
+    """Weight of the attention focus loss (`focus_loss`) next to the LLM's."""
     resume: Path | None = None
     config_overrides: dict = field(default_factory=dict)
     """`demo_config` overrides for a new model."""
@@ -171,6 +174,8 @@ def collate(examples: list[Example], model: VPTForConditionalGeneration) -> dict
         "pixel_values": torch.cat([e.pixel_values for e in examples]).half(),
         "image_grid_thw": grid,
         "detection_images": torch.cat(detection).half() if detection else None,
+        "token_labels": torch.cat([e.token_labels for e in examples]),
+        "focus": torch.cat([torch.cat([torch.full((len(e.focus), 1), row), e.focus], 1) for row, e in enumerate(examples)]),
     }
 
 
@@ -229,35 +234,96 @@ def lr_at(step: int, progress: float, args: TrainArgs) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def train_step(model, batch: dict[str, torch.Tensor | None], optimizer) -> torch.Tensor:
-    """One optimizer step on a collated batch (bf16 autocast: 1.5x faster on a 2-core AVX512-BF16 CPU
-    too); returns the detached loss."""
+class TokenHead(torch.nn.Module):
+    """Training only (saved in train_state.pt, not in the bundle): a linear classifier of every
+    merged image token's `token_labels.COLUMNS`, so the ViT learns where each token lies and what
+    object and glyph it shows, which the LLM's loss alone does not teach it."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, sum(COLUMNS.values()))
+        name_weight = torch.ones(COLUMNS["name"])
+        name_weight[0] = 0.1  # most tokens hold no object
+        self.register_buffer("name_weight", name_weight, persistent=False)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss and accuracy per label column (columns without labels in the batch left out)."""
+        result = {}
+        for k, (column, logits) in enumerate(zip(COLUMNS, self.linear(features).float().split(list(COLUMNS.values()), -1))):
+            target, weight = labels[:, k], self.name_weight if column == "name" else None
+            if (known := target != IGNORE).any():
+                result[column] = torch.nn.functional.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
+                hit = logits.argmax(-1) == target
+                result[f"{column}_acc"] = (hit[known & (target > 0)] if column == "name" else hit[known]).float().mean()
+        return result
+
+
+def train_step(model, head: TokenHead, batch: dict[str, torch.Tensor | None], optimizer,
+               vision_weight: float = 1.0, focus_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """One optimizer step on a collated batch: the LLM's loss, plus ``vision_weight`` times
+    ``head``'s on the merger's output, plus ``focus_weight`` times `focus_loss` (needs eager
+    attention); bf16 autocast (1.5x faster on a 2-core AVX512-BF16 CPU too). Returns the detached
+    losses and the head's accuracies."""
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        loss = model(**batch, use_cache=False).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    token_labels, focus = batch.pop("token_labels"), batch.pop("focus")
+    merged: list[torch.Tensor] = []
+    attention: list[torch.Tensor] = []
+    layers = model.model.language_model.layers  # the middle one: those before gather the question's words
+    hooks = [model.model.visual.merger.register_forward_hook(lambda module, args, output: merged.append(output)),
+             layers[len(layers) // 2].self_attn.register_forward_hook(
+                 lambda module, args, output: attention.append(output[1]))]
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+            vision = head(merged[0], token_labels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    focused = focus_loss(attention[-1], focus)  # the last call: the full pass (pass 1 ends at an action start)
+    total = loss + focus_weight * focused + vision_weight * sum(v for k, v in vision.items() if not k.endswith("_acc"))
+    total.backward()
+    torch.nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return {"loss": loss.detach(), "focus": focused.detach(), **{k: v.detach() for k, v in vision.items()}}
 
 
-def save(out: Path, model, tokenizer, optimizer, step: int, elapsed: float) -> None:
+def focus_loss(weights: torch.Tensor | None, focus: torch.Tensor) -> torch.Tensor:
+    """Mean over the query positions of ``focus`` ((n, 3): row, query, key) of -log(the attention
+    that head 0 of ``weights`` (B, heads, L, L) gives their keys): trains one head of the LLM to
+    find the object a token is about, a lookup the LLM's loss alone teaches only after ~1e5
+    examples (tools/probe_grounding.py, --attention-loss)."""
+    if weights is None:
+        raise RuntimeError("the focus loss needs attention weights: model.set_attn_implementation('eager')")
+    if not len(focus):
+        return weights.new_zeros(())
+    rows, queries, keys = focus.unbind(1)
+    on_keys = torch.zeros(weights.shape[0], weights.shape[2], device=weights.device)
+    on_keys = on_keys.index_put((rows, queries), weights[rows, 0, queries, keys].float(), accumulate=True)
+    rows, queries = torch.unique(focus[:, :2], dim=0).unbind(1)
+    return -on_keys[rows, queries].clamp_min(1e-6).log().mean()
+
+
+def save(out: Path, model, tokenizer, head: TokenHead, optimizer, step: int, elapsed: float) -> None:
     """The bundle (model.safetensors, config.json, tokenizer) plus train_state.pt for --resume."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed}, out / TRAIN_STATE)
+    state = {"optimizer": optimizer.state_dict(), "head": head.state_dict(), "step": step, "elapsed": elapsed}
+    torch.save(state, out / TRAIN_STATE)
 
 
-def load_or_init(args: TrainArgs) -> tuple[VPTForConditionalGeneration, object, dict]:
-    """(model on the CPU, tokenizer, train state) from `args.resume`, or a new demo model."""
+def load_or_init(args: TrainArgs) -> tuple[VPTForConditionalGeneration, object, TokenHead, dict]:
+    """(model and head on the CPU, tokenizer, train state) from `args.resume`, or a new demo model."""
     if args.resume:
         state = torch.load(args.resume / TRAIN_STATE, weights_only=True)
-        return VPTForConditionalGeneration.from_pretrained(args.resume), load_tokenizer(args.resume), state
+        model = VPTForConditionalGeneration.from_pretrained(args.resume)
+        head = TokenHead(model.config.text_config.hidden_size)
+        head.load_state_dict(state["head"])
+        return model, load_tokenizer(args.resume), head, state
     tokenizer = demo_tokenizer()
     model = VPTForConditionalGeneration(demo_config(tokenizer, **args.config_overrides))
-    return model, tokenizer, {"step": 0, "elapsed": 0.0}
+    return model, tokenizer, TokenHead(model.config.text_config.hidden_size), {"step": 0, "elapsed": 0.0}
 
 
 def train(args: TrainArgs) -> dict:
@@ -266,7 +332,7 @@ def train(args: TrainArgs) -> dict:
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device(args.device)
-    model, tokenizer, state = load_or_init(args)
+    model, tokenizer, head, state = load_or_init(args)
     start = step = state["step"]
     loader = DataLoader(
         Conversations(tokenizer, args.seed, args.steps * args.batch_size, model.config.image_max_pixels,
@@ -280,7 +346,9 @@ def train(args: TrainArgs) -> dict:
     )
     batches = iter(loader)  # workers start now, each with a CPU copy of the model to number positions
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
+    model.set_attn_implementation("eager")  # the focus loss reads attention weights
+    head.to(device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
@@ -294,7 +362,7 @@ def train(args: TrainArgs) -> dict:
         return state["elapsed"] + time.perf_counter() - t0
 
     def fresh() -> dict:  # what the next log line averages over
-        return {"t": time.perf_counter(), "wait": 0.0, "loss": torch.zeros((), device=device), "steps": 0}
+        return {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "sums": {}, "counts": {}}
 
     window = fresh()
     bar = tqdm(total=args.steps, initial=step, mininterval=5, dynamic_ncols=True)
@@ -305,15 +373,18 @@ def train(args: TrainArgs) -> dict:
         t_wait = time.perf_counter()
         batch = next(batches)
         window["wait"] += time.perf_counter() - t_wait
-        window["loss"] += train_step(model, batch, optimizer)
+        for key, value in train_step(model, head, batch, optimizer, args.vision_weight, args.focus_weight).items():
+            window["sums"][key] = window["sums"].get(key, 0) + value
+            window["counts"][key] = window["counts"].get(key, 0) + 1
         window["steps"] += 1
         step += 1
         bar.update()
         if step % args.log_every == 0:
             seconds, n = time.perf_counter() - window["t"], window["steps"]
-            record = {"step": step, "loss": window["loss"].item() / n, "lr": lr,
-                      "items_per_s": n * args.batch_size / seconds, "data_wait": window["wait"] / seconds,
-                      "elapsed_s": elapsed()}
+            means = {f"{k}_loss" if k in COLUMNS else k: round(v.item() / window["counts"][k], 4)
+                     for k, v in window["sums"].items()}
+            record = {"step": step, **means, "lr": lr, "items_per_s": n * args.batch_size / seconds,
+                      "data_wait": window["wait"] / seconds, "elapsed_s": elapsed()}
             window = fresh()
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -326,10 +397,10 @@ def train(args: TrainArgs) -> dict:
             result = evaluate(model, tokenizer, eval_items)
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
             log.write(json.dumps({"step": step, "eval": result}) + "\n")
-            save(args.out, model, tokenizer, optimizer, step, elapsed())
+            save(args.out, model, tokenizer, head, optimizer, step, elapsed())
             window = fresh()  # throughput counts training only
     bar.close()
-    save(args.out, model, tokenizer, optimizer, step, elapsed())
+    save(args.out, model, tokenizer, head, optimizer, step, elapsed())
     final_items = [make_item(args.seed + 1, i, (family,)) for family in FAMILIES for i in range(args.eval_items)]
     result = evaluate(model, tokenizer, final_items, ("region", "free", "reencode", "direct"))
     log.write(json.dumps({"step": step, "final_eval": result, "args": asdict(args)}, default=str) + "\n")

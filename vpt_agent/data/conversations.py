@@ -37,15 +37,16 @@ from ..tokens import (
     VISION_START,
     X_TOKENS,
     Y_TOKENS,
+    Box,
     Cells,
     PromptMode,
     build_question,
     region_box,
     second_round_user_text,
 )
-from .synthetic import COLOURS, SHAPES, Item, block_scene, cells_covering
+from .synthetic import COLOURS, SHAPES, Item, SceneObject, block_scene, cells_covering
+from .token_labels import IGNORE, token_index, view_labels
 
-IGNORE = -100
 Route = Literal["region", "reencode", "answer"]
 DINO = BRANCHES["dino"]
 ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
@@ -67,6 +68,10 @@ class Example:
     pixel_values: torch.Tensor  # (P, 1176): the global image, then the crop if any
     image_grid_thw: torch.Tensor  # (n_images, 3)
     detection_images: torch.Tensor | None  # (1, 3, 224, 224) for the reencode route
+    token_labels: torch.Tensor  # (image tokens, 4): `token_labels.view_labels` of each image, in order
+    focus: torch.Tensor
+    """(n, 2) pairs (query position, image token position): the supervised token after each query
+    position is about the object in that image token (the auxiliary attention loss)."""
 
 
 def route(item: Item, mode: PromptMode) -> Route:
@@ -104,35 +109,33 @@ def build_example(
     masks ``<|detection_action|><|detection_action_end|>`` as the reference training does (its
     generate forces the action token after the start token); `VPTSession` forces nothing and stops
     at the action end, so a model it serves must learn to emit them (the default). ``max_pixels``
-    is the model's ``image_max_pixels``.
+    is the model's ``image_max_pixels``. The region tokens and the answer are focused on the
+    tokens of the objects the question is about (in the global image, then in the last image).
     """
     kind = route(item, mode)
-    images = [item.image]
+    views = [(0, 0, *item.size)]
     if kind == "region":
-        images.append(crop(item.image, region_box(item.cells, item.size)[1]))
-    pixel_values, grid = qwen_pixel_values(images, max_pixels=max_pixels)
-    ids = prompt_ids(tokenizer, build_question(item.question, mode), num_image_tokens(grid[0]),
-                     system_prompt=system_prompt)
-    labels = [IGNORE] * len(ids)
-
-    def add(text: str, supervised: bool = False) -> None:
-        new = _ids(tokenizer, text)
-        ids.extend(new)
-        labels.extend(new if supervised else [IGNORE] * len(new))
-
+        views.append(region_box(item.cells, item.size)[1])
+    pixel_values, grid = qwen_pixel_values([crop(item.image, view) for view in views], max_pixels=max_pixels)
+    token_labels = torch.cat([view_labels(item.objects, view, g, global_view=k == 0)
+                              for k, (view, g) in enumerate(zip(views, grid.tolist()))])
+    turns = _Turns(tokenizer, prompt_ids(tokenizer, build_question(item.question, mode), num_image_tokens(grid[0]),
+                                         system_prompt=system_prompt))
     detection_images = None
     if kind == "reencode":
-        add(DINO.action_start, supervised=True)
-        add(DINO.action + DINO.action_end, supervised=action_labels)
-        add(IM_END, supervised=True)
-        add(f"{NEXT_USER}{_vision(DINO.num_placeholders(), DINO.image_pad)}{ASSISTANT}")
+        turns.add(DINO.action_start, supervised=True)
+        turns.add(DINO.action + DINO.action_end, supervised=action_labels)
+        turns.add(IM_END, supervised=True)
+        turns.add(f"{NEXT_USER}{_vision(DINO.num_placeholders(), DINO.image_pad)}{ASSISTANT}")
         detection_images = preprocess_dino(item.image)[None]
     elif kind == "region":
-        add(region_text(item.cells) + IM_END, supervised=True)
+        turns.add(region_text(item.cells), supervised=True, focus=turns.keys(item.about, 0, views[0], grid[0]))
+        turns.add(IM_END, supervised=True)
         crop_turn = second_round_user_text(1).replace(IMAGE_PLACEHOLDER, _vision(num_image_tokens(grid[1])))
-        add(f"{NEXT_USER}{crop_turn}{ASSISTANT}")
-    add(item.answer + IM_END, supervised=True)
-    return Example(torch.tensor(ids), torch.tensor(labels), pixel_values, grid, detection_images)
+        turns.add(f"{NEXT_USER}{crop_turn}{ASSISTANT}")
+    turns.add(item.answer, supervised=True, focus=turns.keys(item.about, len(views) - 1, views[-1], grid[-1]))
+    turns.add(IM_END, supervised=True)
+    return turns.example(pixel_values, grid, detection_images, token_labels)
 
 
 def grounding_example(
@@ -140,24 +143,26 @@ def grounding_example(
 ) -> Example:
     """An auxiliary training conversation (not a benchmark question): `GROUNDING_QUESTION` about
     the global image, answered with every object's name and cells, in the order of `COLOURS`, then
-    `SHAPES`: each name is followed by its region, so one image gives 4-8 name -> region lookups
-    (the skill region mode needs) where a benchmark question gives one."""
+    `SHAPES`: each name is followed by its region (focused on the object), so one image gives 4-8
+    name -> region lookups (the skill region mode needs) where a benchmark question gives one."""
     colours, shapes = list(COLOURS), list(SHAPES)
     objects = sorted(item.objects, key=lambda o: (colours.index(o.colour), shapes.index(o.shape)))
-    answer = "\n".join(o.name + region_text(cells_covering(o.box, item.size)) for o in objects)
-    return _one_round(item.image, GROUNDING_QUESTION, answer, tokenizer, system_prompt, max_pixels)
+    lines = [(o.name, region_text(cells_covering(o.box, item.size)), o) for o in objects]
+    return _one_round(item.image, item.objects, (0, 0, *item.size), GROUNDING_QUESTION, lines, tokenizer,
+                      system_prompt, max_pixels)
 
 
 def block_reading_example(
     seed: int, index: int, tokenizer, *, system_prompt: str = DEFAULT_SYSTEM, max_pixels: int | None = None
 ) -> Example:
     """An auxiliary training conversation: the view a region of one cell shows (`block_scene`'s
-    3x3 block, 9 objects) as the only image, `BLOCK_QUESTION`, and each object's name and glyph in
-    reading order: 9 glyphs to read per image where a fine_detail question has one."""
+    3x3 block, 9 objects) as the only image, `BLOCK_QUESTION`, and each object's name and glyph
+    (focused on the object) in reading order: 9 glyphs to read per image where a fine_detail
+    question has one."""
     image, objects, cells = block_scene(seed, index)
-    view = crop(image, region_box(cells, (image.shape[2], image.shape[1]))[1])
-    answer = "\n".join(f"{o.name} {o.glyph}" for o in objects)
-    return _one_round(view, BLOCK_QUESTION, answer, tokenizer, system_prompt, max_pixels)
+    view = region_box(cells, (image.shape[2], image.shape[1]))[1]
+    lines = [(o.name, f" {o.glyph}", o) for o in objects]
+    return _one_round(image, objects, view, BLOCK_QUESTION, lines, tokenizer, system_prompt, max_pixels)
 
 
 def reading_example(
@@ -166,17 +171,59 @@ def reading_example(
     """An auxiliary training conversation: the crop region mode would show for ``item`` as the
     only image, the item's question and its answer (reading without the global view: half the
     cost of a region conversation)."""
-    view = crop(item.image, region_box(item.cells, item.size)[1])
-    return _one_round(view, item.question, item.answer, tokenizer, system_prompt, max_pixels)
+    view = region_box(item.cells, item.size)[1]
+    lines = [("", item.answer, obj) for obj in item.about[:1]]
+    return _one_round(item.image, item.objects, view, item.question, lines, tokenizer, system_prompt, max_pixels)
 
 
 def _one_round(
-    image: torch.Tensor, question: str, answer: str, tokenizer, system_prompt: str, max_pixels: int | None
+    image: torch.Tensor,
+    objects: tuple[SceneObject, ...],
+    view: Box,
+    question: str,
+    lines: list[tuple[str, str, SceneObject]],
+    tokenizer,
+    system_prompt: str,
+    max_pixels: int | None,
 ) -> Example:
-    pixel_values, grid = qwen_pixel_values([image], max_pixels=max_pixels)
-    ids = prompt_ids(tokenizer, question, num_image_tokens(grid[0]), system_prompt=system_prompt)
-    target = _ids(tokenizer, answer + IM_END)
-    return Example(torch.tensor(ids + target), torch.tensor([IGNORE] * len(ids) + target), pixel_values, grid, None)
+    """One round about the ``view`` box of ``image`` (the whole image: a global view), answered
+    with ``lines`` (text, then text focused on an object) joined by newlines."""
+    pixel_values, grid = qwen_pixel_values([crop(image, view)], max_pixels=max_pixels)
+    global_view = tuple(view) == (0, 0, image.shape[2], image.shape[1])
+    turns = _Turns(tokenizer, prompt_ids(tokenizer, question, num_image_tokens(grid[0]), system_prompt=system_prompt))
+    for k, (text, focused, obj) in enumerate(lines):
+        turns.add("\n" * (k > 0) + text, supervised=True)
+        turns.add(focused, supervised=True, focus=turns.keys((obj,), 0, view, grid[0]))
+    turns.add(IM_END, supervised=True)
+    return turns.example(pixel_values, grid, None, view_labels(objects, view, grid[0].tolist(), global_view=global_view))
+
+
+class _Turns:
+    """A conversation's token ids, labels and attention focus as it is built."""
+
+    def __init__(self, tokenizer, ids: list[int]) -> None:
+        self.tokenizer, self.ids, self.labels = tokenizer, list(ids), [IGNORE] * len(ids)
+        self.focus: list[tuple[int, int]] = []
+        self.pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    def add(self, text: str, supervised: bool = False, focus: list[int] = ()) -> None:
+        """Append ``text``; each of its tokens is to be predicted attending to the ``focus`` positions."""
+        new, start = _ids(self.tokenizer, text), len(self.ids)
+        self.ids.extend(new)
+        self.labels.extend(new if supervised else [IGNORE] * len(new))
+        self.focus.extend((position - 1, key) for position in range(start, start + len(new)) for key in focus)
+
+    def keys(self, objects, image: int, view: Box, grid_thw: torch.Tensor) -> list[int]:
+        """Positions of the tokens of image number ``image`` (showing ``view``) holding ``objects``."""
+        pads = [i for i, token in enumerate(self.ids) if token == self.pad]
+        starts = [p for k, p in enumerate(pads) if k == 0 or pads[k - 1] != p - 1]
+        indices = (token_index(obj, view, grid_thw.tolist()) for obj in objects)
+        return [starts[image] + index for index in indices if index is not None]
+
+    def example(self, pixel_values, grid, detection_images, token_labels) -> Example:
+        focus = torch.tensor(self.focus, dtype=torch.long).reshape(-1, 2)
+        return Example(torch.tensor(self.ids), torch.tensor(self.labels), pixel_values, grid, detection_images,
+                       token_labels, focus)
 
 
 def _ids(tokenizer, text: str) -> list[int]:

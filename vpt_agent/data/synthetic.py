@@ -92,6 +92,8 @@ class Item:
     cells: Cells
     """Region target (x_min, y_min, x_max, y_max) covering ``box``, or the whole grid."""
     objects: tuple[SceneObject, ...]
+    about: tuple[SceneObject, ...]
+    """The objects the question is about (those ``box`` covers; none for a count of 0 or an absent object)."""
 
     @property
     def size(self) -> tuple[int, int]:
@@ -134,7 +136,7 @@ def make_item(seed: int, index: int, families: Sequence[Family] = FAMILIES) -> I
     size = (image.width, image.height)
     box = union([o.box for o in about]) if about else None
     cells = cells_covering(box, size) if box else (0, 0, NUM_CUT - 1, NUM_CUT - 1)
-    return Item(_tensor(image), question, answer, family, box, cells, tuple(objects))
+    return Item(_tensor(image), question, answer, family, box, cells, tuple(objects), tuple(about))
 
 
 def question_corpus() -> list[str]:
