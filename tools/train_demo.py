@@ -24,9 +24,10 @@ def main() -> None:
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint directory (its train_state.pt)")
     parser.add_argument("--minutes", type=float, help="stop training after this many minutes (then save and evaluate)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=defaults.device)
-    for name in ("steps", "batch_size", "warmup", "seed", "workers", "eval_every", "eval_items", "log_every"):
+    for name in ("steps", "vision_steps", "batch_size", "warmup", "seed", "workers", "eval_every", "eval_items",
+                 "log_every"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("lr", "weight_decay"):
+    for name in ("lr", "weight_decay", "vision_weight", "focus_weight"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs again in forked workers
