@@ -16,8 +16,9 @@ then the region tokens of one cell as the target:
 Knobs: ``--theta`` / ``--sections`` (M-RoPE), ``--hidden``, ``--lr``, ``--marker-steps`` (a
 marker curriculum first), ``--y-first`` (the row token first), ``--position-features`` (each slot
 also holds its row and column vectors, as the demo ViT's are trained to), ``--attention-loss
-LAYER`` (head 0 of LAYER also trained to attend to the named object: `vpt_agent.train.focus_loss`). Prints the loss and the first /
-second region token's accuracy every 100 steps (batch 64, bf16 autocast, AdamW).
+LAYER`` (head 0 of LAYER also trained to attend to the named object: `vpt_agent.train.focus_loss`).
+Prints the loss and the first / second region token's accuracy every 100 steps (batch 64, bf16
+autocast, AdamW).
 Logs: tools/results/probe_grounding_*.txt.
 """
 from __future__ import annotations

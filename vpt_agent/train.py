@@ -1,6 +1,8 @@
 """Supervised training of the bundled demo model: a small Qwen2-VL VPT model with a DINO branch,
-trained from scratch on the synthetic benchmark's conversations (all four prompt modes, and two
-auxiliary tasks), with bf16 autocast on the CPU as on a GPU.
+trained from scratch on the synthetic benchmark's conversations (all four prompt modes, and three
+auxiliary tasks), with bf16 autocast on the CPU as on a GPU. Two training-only losses come with the
+LLM's: `TokenHead` (what each image token shows) and `focus_loss` (one head looks at the object a
+token is about); an optional vision stage (`TrainArgs.vision_steps`) trains the ViT alone first.
 
 Conversations are generated on the fly (by DataLoader workers, if any; item ``i`` of the stream is a
 function of the seed and ``i``, so a resumed run sees the batches it would have seen). The
@@ -13,10 +15,10 @@ import json
 import math
 import os
 import time
-from itertools import chain
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 from functools import partial
+from itertools import chain
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +131,7 @@ class TrainArgs:
 # ----------------------------------------------------------------------------------------- data
 class Conversations(Dataset):
     """Training conversation ``i``: item ``i`` of the stream ``seed`` (family drawn from FAMILY_MIX)
-    in a task drawn from TASKS, one task per ``group`` consecutive items: with ``group`` = the
+    in a task drawn from ``tasks``, one task per ``group`` consecutive items: with ``group`` = the
     batch size a batch holds one route's lengths (a DINO row is ~2x longer than the others,
     and padding every batch to it doubled the step time)."""
 
@@ -181,11 +183,10 @@ def collate(examples: list[Example], model: VPTForConditionalGeneration) -> dict
         "attention_mask": attention_mask,
         # with right padding, numbering the batch at once gives each row its own rope_index
         "position_ids": rope_index(model, input_ids, grid),
-        "pixel_values": torch.cat([e.pixel_values for e in examples]).half(),
-        "image_grid_thw": grid,
+        **collate_views(examples),
         "detection_images": torch.cat(detection).half() if detection else None,
-        "token_labels": torch.cat([e.token_labels for e in examples]),
-        "focus": torch.cat([torch.cat([torch.full((len(e.focus), 1), row), e.focus], 1) for row, e in enumerate(examples)]),
+        "focus": torch.cat([torch.cat([torch.full((len(e.focus), 1), row), e.focus], 1)
+                            for row, e in enumerate(examples)]),
     }
 
 
@@ -266,7 +267,8 @@ class TokenHead(torch.nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss and accuracy per label column (columns without labels in the batch left out)."""
         result = {}
-        for k, (column, logits) in enumerate(zip(COLUMNS, self.linear(features).float().split(list(COLUMNS.values()), -1))):
+        columns = self.linear(features).float().split(list(COLUMNS.values()), -1)
+        for k, (column, logits) in enumerate(zip(COLUMNS, columns)):
             target, weight = labels[:, k], self.name_weight if column == "name" else None
             if (known := target != IGNORE).any():
                 result[column] = torch.nn.functional.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
@@ -393,8 +395,8 @@ def train(args: TrainArgs) -> dict:
     model.to(device).train()
     model.set_attn_implementation("eager")  # the focus loss reads attention weights
     head.to(device)
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     eval_items = [make_item(args.seed + 1, i, ("fine_detail",)) for i in range(args.eval_items)]

@@ -195,7 +195,8 @@ def _one_round(
         turns.add("\n" * (k > 0) + text, supervised=True)
         turns.add(focused, supervised=True, focus=turns.keys((obj,), 0, view, grid[0]))
     turns.add(IM_END, supervised=True)
-    return turns.example(pixel_values, grid, None, view_labels(objects, view, grid[0].tolist(), global_view=global_view))
+    labels = view_labels(objects, view, grid[0].tolist(), global_view=global_view)
+    return turns.example(pixel_values, grid, None, labels)
 
 
 class _Turns:

@@ -30,7 +30,9 @@ COLUMNS: dict[str, int] = {"name": 1 + len(NAMES), "x": NUM_CUT, "y": NUM_CUT, "
 """Label column -> number of classes."""
 
 
-def view_labels(objects: Sequence[SceneObject], view: Box, grid_thw: Sequence[int], *, global_view: bool) -> torch.Tensor:
+def view_labels(
+    objects: Sequence[SceneObject], view: Box, grid_thw: Sequence[int], *, global_view: bool
+) -> torch.Tensor:
     """(rows * cols, len(COLUMNS)) labels of the merged tokens (row-major) of the image showing the
     pixel box ``view`` of a scene, patchified to ``grid_thw`` = (t, h, w) (merged: h/2 x w/2)."""
     rows, cols = int(grid_thw[1]) // 2, int(grid_thw[2]) // 2
