@@ -45,7 +45,7 @@ from ..tokens import (
     second_round_user_text,
 )
 from .synthetic import COLOURS, SHAPES, Item, SceneObject, block_scene, cells_covering
-from .token_labels import IGNORE, token_index, view_labels
+from .token_labels import IGNORE, labelled_view, token_index, view_labels
 
 Route = Literal["region", "reencode", "answer"]
 DINO = BRANCHES["dino"]
@@ -188,15 +188,14 @@ def _one_round(
 ) -> Example:
     """One round about the ``view`` box of ``image`` (the whole image: a global view), answered
     with ``lines`` (text, then text focused on an object) joined by newlines."""
-    pixel_values, grid = qwen_pixel_values([crop(image, view)], max_pixels=max_pixels)
-    global_view = tuple(view) == (0, 0, image.shape[2], image.shape[1])
+    seen = labelled_view(image, objects, view, max_pixels)
+    grid = seen.image_grid_thw
     turns = _Turns(tokenizer, prompt_ids(tokenizer, question, num_image_tokens(grid[0]), system_prompt=system_prompt))
     for k, (text, focused, obj) in enumerate(lines):
         turns.add("\n" * (k > 0) + text, supervised=True)
         turns.add(focused, supervised=True, focus=turns.keys((obj,), 0, view, grid[0]))
     turns.add(IM_END, supervised=True)
-    labels = view_labels(objects, view, grid[0].tolist(), global_view=global_view)
-    return turns.example(pixel_values, grid, None, labels)
+    return turns.example(seen.pixel_values, grid, None, seen.token_labels)
 
 
 class _Turns:

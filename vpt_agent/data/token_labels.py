@@ -17,17 +17,60 @@ direction and it learns neither where an object is nor what it holds
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 
+import numpy as np
 import torch
 
-from ..tokens import NUM_CUT, Box
-from .synthetic import COLOURS, GLYPHS, SHAPES, SceneObject
+from ..perception.crop import crop
+from ..perception.qwen_image import qwen_pixel_values
+from ..tokens import NUM_CUT, Box, region_box
+from .synthetic import COLOURS, GLYPHS, SHAPES, SceneObject, block_scene
 
 IGNORE = -100
 """The label no loss is computed on (`torch.nn.functional.cross_entropy`'s ignore_index)."""
 NAMES: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
 COLUMNS: dict[str, int] = {"name": 1 + len(NAMES), "x": NUM_CUT, "y": NUM_CUT, "glyph": len(GLYPHS)}
 """Label column -> number of classes."""
+VIEWS_PER_BLOCK = 4
+"""`block_view`s drawn from one rendered `block_scene` (rendering is ~2/3 of a view's cost)."""
+
+
+@dataclass
+class View:
+    """A view of a scene as the ViT gets it and its merged tokens' labels: a vision-stage sample."""
+
+    pixel_values: torch.Tensor  # (P, 1176)
+    image_grid_thw: torch.Tensor  # (1, 3)
+    token_labels: torch.Tensor  # (image tokens, len(COLUMNS))
+
+
+def labelled_view(image: torch.Tensor, objects: Sequence[SceneObject], view: Box, max_pixels: int | None) -> View:
+    """The pixel box ``view`` of the uint8 (3, H, W) scene ``image`` (the whole image: a global view)
+    preprocessed within ``max_pixels``, with its `view_labels`."""
+    pixel_values, grid = qwen_pixel_values([crop(image, view)], max_pixels=max_pixels)
+    global_view = tuple(view) == (0, 0, image.shape[2], image.shape[1])
+    return View(pixel_values, grid, view_labels(objects, view, grid[0].tolist(), global_view=global_view))
+
+
+def block_view(seed: int, index: int, max_pixels: int | None) -> View:
+    """View ``index`` of the vision stage's reading stream: the crop of `block_scene` ``(seed,
+    index // VIEWS_PER_BLOCK)``'s block (what a region of its centre cell shows) moved by up to
+    half a cell and scaled by 0.8-1.25, so the characters fall at every offset within the ViT's
+    tokens and at the scales crops show them (a border crop is smaller: less downscaled)."""
+    image, objects, cells = _block_scene(seed, index // VIEWS_PER_BLOCK)
+    rng = np.random.default_rng([seed, index, 4])
+    height, width = image.shape[1:]
+    x0, y0, x1, y1 = region_box(cells, (width, height))[1]
+    scale, (dx, dy) = rng.uniform(0.8, 1.25), rng.uniform(-0.5, 0.5, size=2)
+    w, h = min(round((x1 - x0) * scale), width), min(round((y1 - y0) * scale), height)
+    cx, cy = (x0 + x1) / 2 + dx * width / NUM_CUT, (y0 + y1) / 2 + dy * height / NUM_CUT
+    left, top = min(max(round(cx - w / 2), 0), width - w), min(max(round(cy - h / 2), 0), height - h)
+    return labelled_view(image, objects, (left, top, left + w, top + h), max_pixels)
+
+
+_block_scene = lru_cache(maxsize=4)(block_scene)
 
 
 def view_labels(
