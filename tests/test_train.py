@@ -19,7 +19,7 @@ from vpt_agent.data.conversations import (
     region_text,
 )
 from vpt_agent.data.synthetic import COLOURS, GLYPHS, SHAPES, block_scene, cells_covering, generate
-from vpt_agent.data.token_labels import COLUMNS, NAMES
+from vpt_agent.data.token_labels import COLUMNS, NAMES, VIEWS_PER_BLOCK, block_view
 from vpt_agent.model.loading import load_tokenizer
 from vpt_agent.model.modeling import VPTForConditionalGeneration
 from vpt_agent.model.session import VPTSession
@@ -145,6 +145,23 @@ def test_block_reading_conversation_reads_nine_glyphs_at_crop_scale(tiny):
     assert rows == sorted(rows)  # reading order
 
 
+def test_block_views_move_and_scale_the_blocks_crop():
+    views = [block_view(0, i, DEMO_MAX_PIXELS) for i in range(2 * VIEWS_PER_BLOCK)]
+    image, objects, cells = block_scene(0, 0)  # the first VIEWS_PER_BLOCK views' scene
+    grids = {tuple(v.image_grid_thw[0].tolist()) for v in views[:VIEWS_PER_BLOCK]}
+    assert len(grids) > 1 or len({v.pixel_values.sum().item() for v in views[:VIEWS_PER_BLOCK]}) > 1
+    for view in views:
+        names = view.token_labels[:, 0]
+        assert 5 <= (names > 0).sum() <= 9 and ((names > 0) == (view.token_labels[:, 3] != IGNORE)).all()
+        assert (view.token_labels[:, 1:3] == IGNORE).all()  # no position: not a global view
+    # the first view holds the centre object of scene 0's block, with its glyph
+    (centre,) = [o for o in objects if cells_covering(o.box, (image.shape[2], image.shape[1]))[:2] == cells[:2]]
+    glyphs = {GLYPHS[g] for n, g in views[0].token_labels[:, [0, 3]].tolist() if n == 1 + NAMES.index(
+        (centre.colour, centre.shape))}
+    assert glyphs == {centre.glyph}
+    assert block_view(0, 5, DEMO_MAX_PIXELS).pixel_values.equal(views[5].pixel_values)  # deterministic
+
+
 def _inside(inner, outer) -> bool:
     return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
 
@@ -216,6 +233,9 @@ def test_conversations_share_one_task_per_group():
     assert all(len(set(tasks[i : i + 8])) == 1 for i in range(0, 4000, 8))
     assert all(abs(tasks.count(task) / 4000 - share) < 0.06 for task, share in TASKS.items())
     assert len({data.task(i)[0] for i in range(8)}) > 1  # families still vary within a group
+    start = 8 * tasks[::8].index("block_view")  # the ViT alone: a vision-stage batch
+    batch = collate([data[i] for i in range(start, start + 8)], model=None)
+    assert set(batch) == {"pixel_values", "image_grid_thw", "token_labels"} and len(batch["image_grid_thw"]) == 8
 
 
 def test_a_few_steps_lower_the_loss():
@@ -271,8 +291,9 @@ def test_train_saves_a_bundle_and_resumes_exactly(tmp_path):
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     log = [json.loads(line) for line in (split / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "name_loss" in r and "loss" not in r] == [1, 2]  # the vision stage
-    assert [r["step"] for r in log if "loss" in r] == [3, 4, 5]
+    assert [r["step"] for r in log if "name_loss" in r] == [1, 2, 3, 4, 5]
+    conversations = [r["step"] for r in log if "loss" in r]  # the LLM's: none in the vision stage
+    assert conversations and set(conversations) <= {3, 4, 5}  # (a "block_view" batch has none)
 
 
 def test_minutes_stop_training_and_still_save(tmp_path):

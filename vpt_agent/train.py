@@ -37,7 +37,7 @@ from .data.conversations import (
     reading_example,
 )
 from .data.synthetic import FAMILIES, Family, Item, make_item, question_corpus
-from .data.token_labels import COLUMNS
+from .data.token_labels import COLUMNS, View, block_view, labelled_view
 from .model.config import VPTConfig
 from .model.loading import load_tokenizer
 from .model.modeling import VPTForConditionalGeneration
@@ -50,18 +50,20 @@ from .perception.crop import crops
 from .perception.reencode import branch_features
 from .tokens import ACTION_STARTS, REENCODE_PROMPT, REGION_PROMPT, PromptMode, build_question, parse_actions
 
-TASKS: dict[PromptMode | Literal["ground", "read", "read_block"], float] = {
-    "region": 0.25, "reencode": 0.07, "free": 0.1, "direct": 0.08, "ground": 0.25, "read": 0.1, "read_block": 0.15,
+TASKS: dict[PromptMode | Literal["ground", "read", "read_block", "block_view"], float] = {
+    "region": 0.25, "reencode": 0.07, "free": 0.1, "direct": 0.08, "ground": 0.2, "read": 0.1, "read_block": 0.1,
+    "block_view": 0.1,
 }
 """Task mix: the four prompt modes and three auxiliary tasks with denser, cheaper labels: "ground"
 (`grounding_example`: the region of every object, by name), "read" (`reading_example`: a
 fine_detail question about its crop alone) and "read_block" (`block_reading_example`: the glyphs
-of 9 objects in a crop-sized view). free and direct share the unsuffixed prompt: on fine_detail the
-model learns to prefer a region (free) and, with the action tokens suppressed (the graph's direct
-mode), to guess from the global view."""
-VISION_TASKS: dict[str, float] = {"read_block": 0.75, "ground": 0.25}
-"""The vision stage's views (`TrainArgs.vision_steps`): crop-scale blocks of 9 characters to read, and
-global scenes (objects, grid cells)."""
+of 9 objects in a crop-sized view); and the vision stage's "block_view" (the ViT alone, ~2.5x
+cheaper a step), which keeps its reading from fading under the LLM's loss. free and direct share
+the unsuffixed prompt: on fine_detail the model learns to prefer a region (free) and, with the
+action tokens suppressed (the graph's direct mode), to guess from the global view."""
+VISION_TASKS: dict[str, float] = {"block_view": 0.75, "global_view": 0.25}
+"""The vision stage's `View`s (`TrainArgs.vision_steps`): crop-scale blocks of 9 characters to read
+(`block_view`), and global scenes (objects, grid cells)."""
 FAMILY_MIX: dict[Family, float] = {"fine_detail": 0.45, "spatial": 0.2, "counting": 0.15, "existence": 0.2}
 TRAIN_STATE = "train_state.pt"
 DEMO_MAX_PIXELS = 224 * 224
@@ -117,8 +119,8 @@ class TrainArgs:
     log_every: int = 10
     vision_steps: int = 0
     """The first steps train the ViT and merger alone on `VISION_TASKS`' views through `TokenHead`
-    (~32 images/s on 2 CPU cores against ~18 conversations/s: reading tiny characters takes the ViT
-    ~1e5 labelled glyphs before it starts)."""
+    (~43 images/s on 2 CPU cores against ~18 conversations/s: reading tiny characters takes the ViT
+    a few 1e5 labelled glyphs before it starts)."""
     vision_weight: float = 1.0
     """Weight of `TokenHead`'s loss next to the LLM's."""
     focus_weight: float = 1.0
@@ -133,7 +135,8 @@ class Conversations(Dataset):
     """Training conversation ``i``: item ``i`` of the stream ``seed`` (family drawn from FAMILY_MIX)
     in a task drawn from ``tasks``, one task per ``group`` consecutive items: with ``group`` = the
     batch size a batch holds one route's lengths (a DINO row is ~2x longer than the others,
-    and padding every batch to it doubled the step time)."""
+    and padding every batch to it doubled the step time). The vision stage's tasks give a `View`
+    (an image and its token labels, no text)."""
 
     def __init__(self, tokenizer, seed: int, length: int, max_pixels: int | None = None, group: int = 1,
                  tasks: dict[str, float] = TASKS):
@@ -150,11 +153,15 @@ class Conversations(Dataset):
         rng = np.random.default_rng([self.seed, index // self.group, 2])
         return family, str(rng.choice(list(self.tasks), p=list(self.tasks.values())))
 
-    def __getitem__(self, index: int) -> Example:
+    def __getitem__(self, index: int) -> Example | View:
         family, task = self.task(index)
+        if task == "block_view":
+            return block_view(self.seed, index, self.max_pixels)
         if task == "read_block":
             return block_reading_example(self.seed, index, self.tokenizer, max_pixels=self.max_pixels)
         item = make_item(self.seed, index, ("fine_detail",) if task == "read" else (family,))
+        if task == "global_view":
+            return labelled_view(item.image, item.objects, (0, 0, *item.size), self.max_pixels)
         if task == "ground":
             return grounding_example(item, self.tokenizer, max_pixels=self.max_pixels)
         if task == "read":
@@ -162,11 +169,14 @@ class Conversations(Dataset):
         return build_example(item, task, self.tokenizer, max_pixels=self.max_pixels)
 
 
-def collate(examples: list[Example], model: VPTForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """Right-padded batch with M-RoPE `position_ids` (3, B, L); `model` (on the CPU) only numbers them.
+def collate(examples: list[Example] | list[View], model: VPTForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """Right-padded batch with M-RoPE `position_ids` (3, B, L); `model` (on the CPU) only numbers them
+    (`View`s, a vision-stage batch: `collate_views`).
 
     Image inputs travel as float16, which halves what workers hand to the training process.
     """
+    if isinstance(examples[0], View):
+        return collate_views(examples)
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), model.config.text_config.pad_token_id)
     labels = torch.full((len(examples), length), IGNORE)
@@ -190,8 +200,9 @@ def collate(examples: list[Example], model: VPTForConditionalGeneration) -> dict
     }
 
 
-def collate_views(examples: list[Example]) -> dict[str, torch.Tensor]:
-    """The images and token labels of ``examples`` (their text unused): a vision stage batch."""
+def collate_views(examples: list[Example | View]) -> dict[str, torch.Tensor]:
+    """The images and token labels of ``examples`` (the text of an `Example` unused): a vision
+    stage batch."""
     return {"pixel_values": torch.cat([e.pixel_values for e in examples]).half(),
             "image_grid_thw": torch.cat([e.image_grid_thw for e in examples]),
             "token_labels": torch.cat([e.token_labels for e in examples])}
