@@ -119,7 +119,7 @@ class TrainArgs:
     log_every: int = 10
     vision_steps: int = 0
     """The first steps train the ViT and merger alone on `VISION_TASKS`' views through `TokenHead`
-    (~43 images/s on 2 CPU cores against ~18 conversations/s: reading tiny characters takes the ViT
+    (~35-43 views/s on 2 CPU cores against ~16-18 conversations/s: reading tiny characters takes the ViT
     a few 1e5 labelled glyphs before it starts)."""
     vision_weight: float = 1.0
     """Weight of `TokenHead`'s loss next to the LLM's."""
