@@ -36,6 +36,7 @@ from vpt_agent.train import (
     collate,
     demo_config,
     demo_tokenizer,
+    focus_loss,
     TokenHead,
     train,
     train_step,
@@ -207,15 +208,43 @@ def test_focus_pairs_point_the_region_and_the_answer_at_the_objects_tokens(tiny,
     global_key = pads[int((example.token_labels[:n_global, 0] == name).nonzero())]
     crop_key = pads[n_global + int((example.token_labels[n_global:, 0] == name).nonzero())]
     predicted = {}
-    for query, key in example.focus.tolist():
+    for query, key, head in example.focus.tolist():
+        assert head == 0
         predicted.setdefault(key, []).append(example.labels[query + 1].item())
     assert set(predicted) == {global_key, crop_key}
     assert tokenizer.decode(predicted[global_key], skip_special_tokens=False) == region_text(item.cells)
     assert tokenizer.decode(predicted[crop_key]) == item.answer
     block = block_reading_example(0, 3, tokenizer, max_pixels=DEMO_MAX_PIXELS)
-    glyphs = [tokenizer.decode([block.labels[q + 1].item()]) for q, _ in block.focus.tolist()]
+    glyphs = [tokenizer.decode([block.labels[q + 1].item()]) for q, _, _ in block.focus.tolist()]
     assert "".join(glyphs).split() == [o.glyph for o in block_scene(0, 3)[1]]
     assert len(set(block.focus[:, 1].tolist())) == 9  # one token per object
+
+
+def test_a_relation_focuses_one_head_on_each_object(tiny):
+    """Spatial answers: head 0 on the first named object, head 1 on the second (their mean says nothing)."""
+    model, tokenizer = tiny
+    (item,) = generate(0, 1, ("spatial",))
+    example = build_example(item, "direct", tokenizer, max_pixels=DEMO_MAX_PIXELS)
+    tokens, pad = example.input_ids.tolist(), tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    pads = [i for i, t in enumerate(tokens) if t == pad]
+    names = [1 + NAMES.index((obj.colour, obj.shape)) for obj in item.about]
+    keys = [pads[int((example.token_labels[:, 0] == name).nonzero())] for name in names]
+    assert item.question.index(item.about[0].name) < item.question.index(item.about[1].name)
+    answer = {(key, head) for query, key, head in example.focus.tolist() if example.labels[query + 1] >= 0}
+    assert answer == {(keys[0], 0), (keys[1], 1)}
+
+
+def test_focus_loss_scores_each_head_on_its_own_keys():
+    weights = torch.full((1, 4, 6, 6), 0.02)
+    weights[0, 0, 5, 1] = weights[0, 1, 5, 2] = 0.9
+    focus = torch.tensor([[0, 5, 1, 0], [0, 5, 2, 1]])
+    right = focus_loss(weights, focus)
+    assert right < 0.11 and focus_loss(weights, focus.flip(0)) == right
+    swapped = focus.clone()
+    swapped[:, 3] = 1 - swapped[:, 3]
+    assert focus_loss(weights, swapped) > 3.5  # -log 0.02
+    both = torch.tensor([[0, 5, 1, 0], [0, 5, 2, 0]])  # one head on two keys: their sum
+    assert torch.isclose(focus_loss(weights, both), -torch.tensor(0.92).log())
 
 
 def mixed_examples(tokenizer) -> list:
@@ -278,7 +307,7 @@ def test_train_saves_a_bundle_and_resumes_exactly(tmp_path):
     result = train(TrainArgs(out=straight, steps=5, **common))
     assert set(result) >= {"region/fine_detail", "direct/fine_detail", "free/counting", "reencode/spatial",
                            "region/fine_detail_crop_hit"}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "train_state.pt", "log.jsonl"} <= {
+    assert {"model.safetensors", "config.json", "tokenizer.json", "train_state.pt", "optimizer.pt", "log.jsonl"} <= {
         p.name for p in straight.iterdir()}
     model = VPTForConditionalGeneration.from_pretrained(straight)
     assert load_tokenizer(straight).get_vocab() == demo_tokenizer().get_vocab()
@@ -294,6 +323,12 @@ def test_train_saves_a_bundle_and_resumes_exactly(tmp_path):
     assert [r["step"] for r in log if "name_loss" in r] == [1, 2, 3, 4, 5]
     conversations = [r["step"] for r in log if "loss" in r]  # the LLM's: none in the vision stage
     assert conversations and set(conversations) <= {3, 4, 5}  # (a "block_view" batch has none)
+
+    (split / "optimizer.pt").unlink()  # a committed checkpoint leaves AdamW's moments behind
+    train(TrainArgs(out=split, steps=7, resume=split, **common))
+    lrs = [r["lr"] for r in (json.loads(line) for line in (split / "log.jsonl").read_text().splitlines())
+           if r.get("step") in (6, 7) and "lr" in r]
+    assert lrs == pytest.approx([TrainArgs.lr / 3, 2 * TrainArgs.lr / 3])  # fresh moments: warmed up again
 
 
 def test_minutes_stop_training_and_still_save(tmp_path):

@@ -8,7 +8,8 @@ and loss of the next-token prediction at the supervised tokens, grouped by what 
 * ``region x`` / ``region y``: the cell tokens of region mode's first round (fine_detail);
 * ``answer after crop``: the glyph, with the crop shown (region mode's second round);
 * ``ground x`` / ``ground y`` / ``ground name``: the grounding task (`grounding_example`);
-* ``read``: the glyph from the crop alone; ``block read``: the 9 glyphs of `block_reading_example`.
+* ``read``: the glyph from the crop alone; ``block read``: the 9 glyphs of `block_reading_example`;
+* ``spatial yes/no``: a relation between two objects answered from the global view (direct mode).
 
 Then how much of the image tokens' features differs between the tokens of one image (the mean
 norm of each token's deviation from the image's mean token, over the mean norm) at the ViT's
@@ -42,12 +43,15 @@ def main() -> None:
     budget = model.config.image_max_pixels
     xs, ys = set(tokenizer.convert_tokens_to_ids(list(X_TOKENS))), set(tokenizer.convert_tokens_to_ids(list(Y_TOKENS)))
     glyphs = {tokenizer(text, add_special_tokens=False)["input_ids"][-1] for g in GLYPHS for text in (g, " " + g)}
+    yes_no = set(tokenizer.convert_tokens_to_ids(["yes", "no"]))
     items = [make_item(HELD_OUT, i, ("fine_detail",)) for i in range(args.items)]
+    relations = [make_item(HELD_OUT, i, ("spatial",)) for i in range(args.items)]
     tasks = {
         "region": [build_example(item, "region", tokenizer, max_pixels=budget) for item in items],
         "ground": [grounding_example(item, tokenizer, max_pixels=budget) for item in items],
         "read": [reading_example(item, tokenizer, max_pixels=budget) for item in items],
         "block": [block_reading_example(HELD_OUT, i, tokenizer, max_pixels=budget) for i in range(args.items // 4)],
+        "spatial": [build_example(item, "direct", tokenizer, max_pixels=budget) for item in relations],
     }
     for task, examples in tasks.items():
         stats: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])  # n, correct, loss
@@ -62,7 +66,8 @@ def main() -> None:
             correct = logits.argmax(-1) == labels
             for row, col in (labels != IGNORE).nonzero().tolist():
                 token = int(labels[row, col])
-                kind = "x" if token in xs else "y" if token in ys else "glyph" if token in glyphs else "name"
+                kind = ("x" if token in xs else "y" if token in ys else "glyph" if token in glyphs
+                        else "yes/no" if token in yes_no else "name")
                 if kind == "name" and task != "ground":
                     continue
                 entry = stats[kind]

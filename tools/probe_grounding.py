@@ -133,7 +133,8 @@ def main() -> None:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, -2:].flatten())
         if args.attention_loss is not None:  # the two region tokens' inputs onto the object's slot
             length, slot = batch.shape[1], torch.tensor(cells) + len(start)
-            focus = torch.cat([torch.stack([torch.arange(len(rows)), torch.full_like(slot, length - k), slot], 1)
+            focus = torch.cat([torch.stack([torch.arange(len(rows)), torch.full_like(slot, length - k), slot,
+                                            torch.zeros_like(slot)], 1)
                                for k in (3, 2)])
             focused = focus_loss(out.attentions[args.attention_loss], focus)
             loss = loss + focused

@@ -1,7 +1,7 @@
 """Supervised training of the bundled demo model: a small Qwen2-VL VPT model with a DINO branch,
 trained from scratch on the synthetic benchmark's conversations (all four prompt modes, and three
 auxiliary tasks), with bf16 autocast on the CPU as on a GPU. Two training-only losses come with the
-LLM's: `TokenHead` (what each image token shows) and `focus_loss` (one head looks at the object a
+LLM's: `TokenHead` (what each image token shows) and `focus_loss` (a head looks at each object a
 token is about); an optional vision stage (`TrainArgs.vision_steps`) trains the ViT alone first.
 
 Conversations are generated on the fly (by DataLoader workers, if any; item ``i`` of the stream is a
@@ -64,8 +64,10 @@ action tokens suppressed (the graph's direct mode), to guess from the global vie
 VISION_TASKS: dict[str, float] = {"block_view": 0.75, "global_view": 0.25}
 """The vision stage's `View`s (`TrainArgs.vision_steps`): crop-scale blocks of 9 characters to read
 (`block_view`), and global scenes (objects, grid cells)."""
-FAMILY_MIX: dict[Family, float] = {"fine_detail": 0.45, "spatial": 0.2, "counting": 0.15, "existence": 0.2}
+FAMILY_MIX: dict[Family, float] = {"fine_detail": 0.4, "spatial": 0.25, "counting": 0.15, "existence": 0.2}
 TRAIN_STATE = "train_state.pt"
+OPTIMIZER_STATE = "optimizer.pt"
+"""AdamW's moments (2x the model): --resume without it starts them afresh and re-warms the rate."""
 DEMO_MAX_PIXELS = 224 * 224
 """The demo model's pixel budget: a square global view is 8x8 merged tokens, one per grid cell."""
 
@@ -257,7 +259,8 @@ def _contains(outer, inner) -> bool:
 
 # ---------------------------------------------------------------------------------------- train
 def lr_at(step: int, progress: float, args: TrainArgs) -> float:
-    """Linear warmup over `args.warmup` steps, then cosine from `args.lr` to 10 % over `progress` 0..1."""
+    """Linear warmup over `args.warmup` steps (``step`` counts from the last fresh optimizer moments),
+    then cosine from `args.lr` to 10 % over `progress` 0..1."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
@@ -339,33 +342,36 @@ def _update(loss: torch.Tensor, model, head: TokenHead, optimizer) -> None:
 
 
 def focus_loss(weights: torch.Tensor | None, focus: torch.Tensor) -> torch.Tensor:
-    """Mean over the query positions of ``focus`` ((n, 3): row, query, key) of -log(the attention
-    that head 0 of ``weights`` (B, heads, L, L) gives their keys): trains one head of the LLM to
-    find the object a token is about, a lookup the LLM's loss alone teaches only after ~1e5
-    examples (tools/probe_grounding.py, --attention-loss)."""
+    """Mean over the (row, query, head) triples of ``focus`` ((n, 4): row, query, key, head) of
+    -log(the attention that the head of ``weights`` (B, heads, L, L) gives their keys): trains a
+    few heads of the LLM to find the objects a token is about, a lookup the LLM's loss alone
+    teaches only after ~1e5 examples (tools/probe_grounding.py, --attention-loss)."""
     if weights is None:
         raise RuntimeError("the focus loss needs attention weights: model.set_attn_implementation('eager')")
     if not len(focus):
         return weights.new_zeros(())
-    rows, queries, keys = focus.unbind(1)
-    on_keys = torch.zeros(weights.shape[0], weights.shape[2], device=weights.device)
-    on_keys = on_keys.index_put((rows, queries), weights[rows, 0, queries, keys].float(), accumulate=True)
-    rows, queries = torch.unique(focus[:, :2], dim=0).unbind(1)
-    return -on_keys[rows, queries].clamp_min(1e-6).log().mean()
+    rows, queries, keys, heads = focus.unbind(1)
+    on_keys = torch.zeros(weights.shape[:3], device=weights.device)
+    on_keys = on_keys.index_put((rows, heads, queries), weights[rows, heads, queries, keys].float(), accumulate=True)
+    rows, queries, heads = torch.unique(focus[:, [0, 1, 3]], dim=0).unbind(1)
+    return -on_keys[rows, heads, queries].clamp_min(1e-6).log().mean()
 
 
 def save(out: Path, model, tokenizer, head: TokenHead, optimizer, step: int, elapsed: float) -> None:
-    """The bundle (model.safetensors, config.json, tokenizer) plus train_state.pt for --resume."""
+    """The bundle (model.safetensors, config.json, tokenizer) plus, for --resume, train_state.pt
+    (`TokenHead`, step, time) and optimizer.pt."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    state = {"optimizer": optimizer.state_dict(), "head": head.state_dict(), "step": step, "elapsed": elapsed}
-    torch.save(state, out / TRAIN_STATE)
+    torch.save({"head": head.state_dict(), "step": step, "elapsed": elapsed}, out / TRAIN_STATE)
+    torch.save(optimizer.state_dict(), out / OPTIMIZER_STATE)
 
 
 def load_or_init(args: TrainArgs) -> tuple[VPTForConditionalGeneration, object, TokenHead, dict]:
     """(model and head on the CPU, tokenizer, train state) from `args.resume`, or a new demo model."""
     if args.resume:
         state = torch.load(args.resume / TRAIN_STATE, weights_only=True)
+        if (args.resume / OPTIMIZER_STATE).is_file():
+            state["optimizer"] = torch.load(args.resume / OPTIMIZER_STATE, weights_only=True)
         model = VPTForConditionalGeneration.from_pretrained(args.resume)
         head = TokenHead(model.config.text_config.hidden_size)
         head.load_state_dict(state["head"])
@@ -383,6 +389,7 @@ def train(args: TrainArgs) -> dict:
     device = torch.device(args.device)
     model, tokenizer, head, state = load_or_init(args)
     start = step = state["step"]
+    warm_from = 0 if "optimizer" in state else start  # fresh moments: warm up again
 
     def stage(tasks: dict[str, float], collate_fn, first: int, last: int) -> DataLoader:
         return DataLoader(
@@ -425,7 +432,7 @@ def train(args: TrainArgs) -> dict:
     window = fresh()
     bar = tqdm(total=args.steps, initial=step, mininterval=5, dynamic_ncols=True)
     while step < args.steps and elapsed() < budget:
-        lr = lr_at(step, max(step / args.steps, elapsed() / budget), args)
+        lr = lr_at(step - warm_from, max(step / args.steps, elapsed() / budget), args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t_wait = time.perf_counter()

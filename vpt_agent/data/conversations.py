@@ -16,6 +16,7 @@ Routes by prompt mode: ``region`` and ``reencode`` always take their perception 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,8 +71,9 @@ class Example:
     detection_images: torch.Tensor | None  # (1, 3, 224, 224) for the reencode route
     token_labels: torch.Tensor  # (image tokens, 4): `token_labels.view_labels` of each image, in order
     focus: torch.Tensor
-    """(n, 2) pairs (query position, image token position): the supervised token after each query
-    position is about the object in that image token (the auxiliary attention loss)."""
+    """(n, 3) rows (query position, image token position, head): the supervised token after each
+    query position is about the object in that image token, which that attention head is to look
+    at (the auxiliary attention loss)."""
 
 
 def route(item: Item, mode: PromptMode) -> Route:
@@ -129,11 +131,14 @@ def build_example(
         turns.add(f"{NEXT_USER}{_vision(DINO.num_placeholders(), DINO.image_pad)}{ASSISTANT}")
         detection_images = preprocess_dino(item.image)[None]
     elif kind == "region":
-        turns.add(region_text(item.cells), supervised=True, focus=turns.keys(item.about, 0, views[0], grid[0]))
+        turns.add(region_text(item.cells), supervised=True, focus=[turns.keys(item.about, 0, views[0], grid[0])])
         turns.add(IM_END, supervised=True)
         crop_turn = second_round_user_text(1).replace(IMAGE_PLACEHOLDER, _vision(num_image_tokens(grid[1])))
         turns.add(f"{NEXT_USER}{crop_turn}{ASSISTANT}")
-    turns.add(item.answer, supervised=True, focus=turns.keys(item.about, len(views) - 1, views[-1], grid[-1]))
+    # a relation compares two objects: one head looks at each (their mean position says nothing)
+    about = [(obj,) for obj in item.about] if item.family == "spatial" else [item.about]
+    turns.add(item.answer, supervised=True, focus=[turns.keys(objects, len(views) - 1, views[-1], grid[-1])
+                                                   for objects in about])
     turns.add(IM_END, supervised=True)
     return turns.example(pixel_values, grid, detection_images, token_labels)
 
@@ -193,7 +198,7 @@ def _one_round(
     turns = _Turns(tokenizer, prompt_ids(tokenizer, question, num_image_tokens(grid[0]), system_prompt=system_prompt))
     for k, (text, focused, obj) in enumerate(lines):
         turns.add("\n" * (k > 0) + text, supervised=True)
-        turns.add(focused, supervised=True, focus=turns.keys((obj,), 0, view, grid[0]))
+        turns.add(focused, supervised=True, focus=[turns.keys((obj,), 0, view, grid[0])])
     turns.add(IM_END, supervised=True)
     return turns.example(seen.pixel_values, grid, None, seen.token_labels)
 
@@ -203,15 +208,17 @@ class _Turns:
 
     def __init__(self, tokenizer, ids: list[int]) -> None:
         self.tokenizer, self.ids, self.labels = tokenizer, list(ids), [IGNORE] * len(ids)
-        self.focus: list[tuple[int, int]] = []
+        self.focus: list[tuple[int, int, int]] = []
         self.pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
-    def add(self, text: str, supervised: bool = False, focus: list[int] = ()) -> None:
-        """Append ``text``; each of its tokens is to be predicted attending to the ``focus`` positions."""
+    def add(self, text: str, supervised: bool = False, focus: Sequence[list[int]] = ()) -> None:
+        """Append ``text``; each of its tokens is to be predicted with attention head ``h`` looking at
+        the positions ``focus[h]``."""
         new, start = _ids(self.tokenizer, text), len(self.ids)
         self.ids.extend(new)
         self.labels.extend(new if supervised else [IGNORE] * len(new))
-        self.focus.extend((position - 1, key) for position in range(start, start + len(new)) for key in focus)
+        self.focus.extend((position - 1, key, head) for position in range(start, start + len(new))
+                          for head, keys in enumerate(focus) for key in keys)
 
     def keys(self, objects, image: int, view: Box, grid_thw: torch.Tensor) -> list[int]:
         """Positions of the tokens of image number ``image`` (showing ``view``) holding ``objects``."""
@@ -221,7 +228,7 @@ class _Turns:
         return [starts[image] + index for index in indices if index is not None]
 
     def example(self, pixel_values, grid, detection_images, token_labels) -> Example:
-        focus = torch.tensor(self.focus, dtype=torch.long).reshape(-1, 2)
+        focus = torch.tensor(self.focus, dtype=torch.long).reshape(-1, 3)
         return Example(torch.tensor(self.ids), torch.tensor(self.labels), pixel_values, grid, detection_images,
                        token_labels, focus)
 
