@@ -101,10 +101,12 @@ def _pil_filter(x: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, 0.0))
 
 
+@lru_cache(maxsize=4096)
 def _pil_coefficients(
     n_in: int, n_out: int, mode: str, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PIL's per-output first source index (n_out,) and fixed-point weights (n_out, taps)."""
+    """PIL's per-output first source index (n_out,) and int32 fixed-point weights (n_out, taps, 1),
+    cached (read-only): training views repeat a few hundred sizes."""
     scale = n_in / n_out
     filter_scale = max(scale, 1.0)
     inverse_scale = 1.0 / filter_scale
@@ -123,7 +125,7 @@ def _pil_coefficients(
     weights = torch.stack(weights, dim=1) / torch.where(total != 0, total, 1.0)[:, None]
     fixed = weights * (1 << _PRECISION_BITS)
     fixed = torch.where(fixed < 0, (fixed - 0.5).trunc(), (fixed + 0.5).trunc())
-    return first.long(), fixed
+    return first.long(), fixed.to(torch.int32)[:, :, None]
 
 
 def _pil_pass(image: torch.Tensor, n_out: int, mode: str) -> torch.Tensor:
@@ -134,7 +136,6 @@ def _pil_pass(image: torch.Tensor, n_out: int, mode: str) -> torch.Tensor:
     """
     n_in = image.shape[1]
     first, fixed = _pil_coefficients(n_in, n_out, mode, image.device)
-    fixed = fixed.to(torch.int32)[:, :, None]
     shape = (image.shape[0], n_out, image.shape[2])
     total = torch.full(shape, 1 << (_PRECISION_BITS - 1), dtype=torch.int32, device=image.device)
     gathered = torch.empty_like(total)
