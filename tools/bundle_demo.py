@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vpt_agent.model.demo import ASSETS, DEMO_DIR, default_model
 
-LEFT_BEHIND = {"train_state.pt", "log.jsonl"}
+LEFT_BEHIND = {"train_state.pt", "optimizer.pt", "log.jsonl"}
 LIMIT = 25 * 2**20
 """Everything under vpt_agent/assets together."""
 
