@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 
 from vpt_agent.model.demo import ASSETS, DEMO_DIR, default_model
+from vpt_agent.train import OPTIMIZER_STATE, TRAIN_STATE
 
-LEFT_BEHIND = {"train_state.pt", "optimizer.pt", "log.jsonl"}
+LEFT_BEHIND = {TRAIN_STATE, OPTIMIZER_STATE, "log.jsonl"}
 LIMIT = 25 * 2**20
 """Everything under vpt_agent/assets together."""
 

@@ -3,8 +3,9 @@
     python3 tools/train_demo.py --device cpu --minutes 60 --batch-size 16 --workers 0 --out demo_ckpt
     python3 tools/train_demo.py --device cuda --minutes 30 --out demo_ckpt
 
-writes demo_ckpt/{model.safetensors,config.json,tokenizer*} (the bundle), train_state.pt (for
---resume) and log.jsonl (loss, lr, throughput, evaluations).
+writes demo_ckpt/{model.safetensors,config.json,tokenizer*} (the bundle), train_state.pt and
+optimizer.pt (for --resume; without optimizer.pt a resume re-warms the learning rate) and
+log.jsonl (loss, lr, throughput, evaluations).
 """
 from __future__ import annotations
 
