@@ -47,13 +47,13 @@ def test_scenes(items):
 def test_questions_and_answers(items):
     assert {item.family for item in items} == set(FAMILIES)
     for item in items:
-        assert len(item.question) <= 52 and item.question.endswith("?")
+        assert len(item.question) <= 60 and item.question.endswith("?")
         names = {o.name: o for o in item.objects}
         if item.family == "fine_detail":
             name = item.question.removeprefix("What character is in the ").removesuffix("?")
             assert item.answer == names[name].glyph and item.box == names[name].box
         elif item.family == "spatial":
-            assert item.answer in ("yes", "no") and item.box is not None
+            assert item.answer in ("left", "right", "above", "below") and item.box is not None
         elif item.family == "counting":
             noun = item.question.split()[2]
             expected = sum(o.shape + "s" == noun or o.colour == noun for o in item.objects)
@@ -69,15 +69,17 @@ def test_questions_and_answers(items):
 
 
 def test_spatial_answers_follow_centres():
-    for item in generate(11, 30, ("spatial",)):
+    items = generate(11, 30, ("spatial",))
+    for item in items:
         first, second = item.question.removeprefix("Is the ").removesuffix("?").split(" the ")
-        relation = next(r for r in ("left of", "right of", "above", "below") if first.endswith(r))
-        a = next(o for o in item.objects if o.name == first.removesuffix(relation).strip())
+        phrase = next(p for p in ("left or right of", "above or below") if first.endswith(p))
+        a = next(o for o in item.objects if o.name == first.removesuffix(phrase).strip())
         b = next(o for o in item.objects if o.name == second)
-        axis, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[relation]
-        gap = sign * (a.centre[axis] - b.centre[axis])
+        axis = phrase.startswith("above")
+        gap = a.centre[axis] - b.centre[axis]
         assert abs(gap) >= 40  # never a close call
-        assert item.answer == ("yes" if gap > 0 else "no")
+        assert item.answer == ("left", "right", "above", "below")[2 * axis + (gap > 0)]
+    assert {item.answer for item in items} == {"left", "right", "above", "below"}
 
 
 def test_region_targets_crop_the_whole_object():

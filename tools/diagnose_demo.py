@@ -9,7 +9,8 @@ and loss of the next-token prediction at the supervised tokens, grouped by what 
 * ``answer after crop``: the glyph, with the crop shown (region mode's second round);
 * ``ground x`` / ``ground y`` / ``ground name``: the grounding task (`grounding_example`);
 * ``read``: the glyph from the crop alone; ``block read``: the 9 glyphs of `block_reading_example`;
-* ``spatial yes/no``: a relation between two objects answered from the global view (direct mode).
+* ``spatial relation``: where one object lies from another (the answer's first token), answered from
+  the global view (direct mode).
 
 Then how much of the image tokens' features differs between the tokens of one image (the mean
 norm of each token's deviation from the image's mean token, over the mean norm) at the ViT's
@@ -24,7 +25,7 @@ from collections import defaultdict
 import torch
 
 from vpt_agent.data.conversations import IGNORE, block_reading_example, build_example, grounding_example, reading_example
-from vpt_agent.data.synthetic import GLYPHS, make_item
+from vpt_agent.data.synthetic import GLYPHS, SPATIAL_ANSWERS, make_item
 from vpt_agent.model.loading import load_tokenizer
 from vpt_agent.model.modeling import VPTForConditionalGeneration
 from vpt_agent.tokens import X_TOKENS, Y_TOKENS
@@ -41,9 +42,12 @@ def main() -> None:
     model = VPTForConditionalGeneration.from_pretrained(args.checkpoint).eval()
     tokenizer = load_tokenizer(args.checkpoint)
     budget = model.config.image_max_pixels
-    xs, ys = set(tokenizer.convert_tokens_to_ids(list(X_TOKENS))), set(tokenizer.convert_tokens_to_ids(list(Y_TOKENS)))
-    glyphs = {tokenizer(text, add_special_tokens=False)["input_ids"][-1] for g in GLYPHS for text in (g, " " + g)}
-    yes_no = set(tokenizer.convert_tokens_to_ids(["yes", "no"]))
+    kinds = {  # the supervised tokens scored, by what they are (the others count for "ground name" only)
+        **dict.fromkeys(tokenizer.convert_tokens_to_ids(list(X_TOKENS)), "x"),
+        **dict.fromkeys(tokenizer.convert_tokens_to_ids(list(Y_TOKENS)), "y"),
+        **{tokenizer(text, add_special_tokens=False)["input_ids"][-1]: "glyph" for g in GLYPHS for text in (g, " " + g)},
+        **{tokenizer(word, add_special_tokens=False)["input_ids"][0]: "relation" for word in SPATIAL_ANSWERS},
+    }
     items = [make_item(HELD_OUT, i, ("fine_detail",)) for i in range(args.items)]
     relations = [make_item(HELD_OUT, i, ("spatial",)) for i in range(args.items)]
     tasks = {
@@ -66,8 +70,7 @@ def main() -> None:
             correct = logits.argmax(-1) == labels
             for row, col in (labels != IGNORE).nonzero().tolist():
                 token = int(labels[row, col])
-                kind = ("x" if token in xs else "y" if token in ys else "glyph" if token in glyphs
-                        else "yes/no" if token in yes_no else "name")
+                kind = kinds.get(token, "name")
                 if kind == "name" and task != "ground":
                     continue
                 entry = stats[kind]
@@ -75,7 +78,7 @@ def main() -> None:
                 entry[1] += int(correct[row, col])
                 entry[2] += float(losses[row, col])
         for kind, (n, right, loss) in sorted(stats.items()):
-            print(f"{task:7s} {kind:6s} accuracy {right / n:.2f}  loss {loss / n:.2f}  (n={n})", flush=True)
+            print(f"{task:7s} {kind:8s} accuracy {right / n:.2f}  loss {loss / n:.2f}  (n={n})", flush=True)
     for name, ratio in feature_spread(model, tasks["ground"][:8]).items():
         print(f"image tokens' spread at the {name}: {ratio:.1%} of their norm")
 
