@@ -32,6 +32,8 @@ from vpt_agent.tokens import X_TOKENS, Y_TOKENS
 from vpt_agent.train import collate
 
 HELD_OUT = 1
+ONLY_IN = {"name": "ground", "relation": "spatial"}
+"""Token kinds scored in one task only (elsewhere their ids are words of other texts)."""
 
 
 def main() -> None:
@@ -42,7 +44,7 @@ def main() -> None:
     model = VPTForConditionalGeneration.from_pretrained(args.checkpoint).eval()
     tokenizer = load_tokenizer(args.checkpoint)
     budget = model.config.image_max_pixels
-    kinds = {  # the supervised tokens scored, by what they are (the others count for "ground name" only)
+    kinds = {  # the supervised tokens scored, by what they are (any other: "name")
         **dict.fromkeys(tokenizer.convert_tokens_to_ids(list(X_TOKENS)), "x"),
         **dict.fromkeys(tokenizer.convert_tokens_to_ids(list(Y_TOKENS)), "y"),
         **{tokenizer(text, add_special_tokens=False)["input_ids"][-1]: "glyph" for g in GLYPHS for text in (g, " " + g)},
@@ -71,7 +73,7 @@ def main() -> None:
             for row, col in (labels != IGNORE).nonzero().tolist():
                 token = int(labels[row, col])
                 kind = kinds.get(token, "name")
-                if kind == "name" and task != "ground":
+                if ONLY_IN.get(kind, task) != task:
                     continue
                 entry = stats[kind]
                 entry[0] += 1
