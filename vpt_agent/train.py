@@ -42,9 +42,8 @@ from .model.config import VPTConfig
 from .model.loading import load_tokenizer
 from .model.modeling import VPTForConditionalGeneration
 from .model.reference import rope_index
-from .model.session import VPTSession
+from .model.session import DEFAULT_SYSTEM, VPTSession
 from .model.tiny import TINY_DINO, tiny_config
-from .model.session import DEFAULT_SYSTEM
 from .model.tokenizer import build_bpe_tokenizer
 from .perception.crop import crops
 from .perception.reencode import branch_features

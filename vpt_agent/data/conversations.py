@@ -45,7 +45,7 @@ from ..tokens import (
     region_box,
     second_round_user_text,
 )
-from .synthetic import COLOURS, SHAPES, Item, SceneObject, block_scene, cells_covering
+from .synthetic import COLOURS, COMPARING, SHAPES, Item, SceneObject, block_scene, cells_covering
 from .token_labels import IGNORE, labelled_view, token_index, view_labels
 
 Route = Literal["region", "reencode", "answer"]
@@ -135,8 +135,8 @@ def build_example(
         turns.add(IM_END, supervised=True)
         crop_turn = second_round_user_text(1).replace(IMAGE_PLACEHOLDER, _vision(num_image_tokens(grid[1])))
         turns.add(f"{NEXT_USER}{crop_turn}{ASSISTANT}")
-    # a relation compares two objects: one head looks at each (their mean position says nothing)
-    about = [(obj,) for obj in item.about] if item.family == "spatial" else [item.about]
+    # a comparison: one head looks at each object (their mean position says nothing)
+    about = [(obj,) for obj in item.about] if item.family in COMPARING else [item.about]
     turns.add(item.answer, supervised=True, focus=[turns.keys(objects, len(views) - 1, views[-1], grid[-1])
                                                    for objects in about])
     turns.add(IM_END, supervised=True)

@@ -36,6 +36,9 @@ from ..tokens import NUM_CUT, Box, Cells
 
 Family = Literal["fine_detail", "spatial", "counting", "existence"]
 FAMILIES: tuple[Family, ...] = ("fine_detail", "spatial", "counting", "existence")
+COMPARING: frozenset[Family] = frozenset({"spatial"})
+"""Families whose answer compares the objects it is about (``Item.about``, in the order the question
+names them) rather than taking them together."""
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
     "green": (30, 160, 60),
