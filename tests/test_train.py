@@ -337,3 +337,18 @@ def test_minutes_stop_training_and_still_save(tmp_path):
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert 1 <= state["step"] < 1000
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_run_minutes_stop_the_run_and_restart_its_schedule(tmp_path):
+    """A run with its own time limit warms up afresh (moments kept) and ends on time, its cosine over
+    its own minutes whatever the step budget says."""
+    common = dict(batch_size=1, device="cpu", workers=0, eval_every=0, eval_items=1, log_every=1, warmup=2,
+                  config_overrides=TINY)
+    train(TrainArgs(out=tmp_path, steps=3, **common))
+    train(TrainArgs(out=tmp_path, steps=10**6, run_minutes=0.05, resume=tmp_path, **common))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in log if "lr" in r and r["step"] > 3]
+    assert lrs[:2] == pytest.approx([TrainArgs.lr / 2, TrainArgs.lr])  # warmed up again
+    assert 0.1 * TrainArgs.lr <= lrs[-1] < 0.5 * TrainArgs.lr  # the cosine ran its course in 3 s
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert 5 < state["step"] < 10**6

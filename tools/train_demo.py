@@ -2,6 +2,7 @@
 
     python3 tools/train_demo.py --device cpu --minutes 60 --batch-size 16 --workers 0 --out demo_ckpt
     python3 tools/train_demo.py --device cuda --minutes 30 --out demo_ckpt
+    python3 tools/train_demo.py --device cuda --resume demo_ckpt --out demo_ckpt --run-minutes 5
 
 writes demo_ckpt/{model.safetensors,config.json,tokenizer*} (the bundle), train_state.pt and
 optimizer.pt (for --resume; without optimizer.pt a resume re-warms the learning rate) and
@@ -24,6 +25,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=defaults.out, help="checkpoint directory")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint directory (its train_state.pt)")
     parser.add_argument("--minutes", type=float, help="stop training after this many minutes (then save and evaluate)")
+    parser.add_argument("--run-minutes", type=float,
+                        help="this run's own time limit: the learning rate restarts (warmup, cosine to 10 %%) over it")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=defaults.device)
     for name in ("steps", "vision_steps", "batch_size", "warmup", "seed", "workers", "eval_every", "eval_items",
                  "log_every"):

@@ -7,7 +7,7 @@ token is about); an optional vision stage (`TrainArgs.vision_steps`) trains the 
 Conversations are generated on the fly (by DataLoader workers, if any; item ``i`` of the stream is a
 function of the seed and ``i``, so a resumed run sees the batches it would have seen). The
 learning rate warms up linearly, then follows a cosine to 10 % over whichever ends first, the
-step budget or the time budget. `evaluate` answers held-out items greedily through `VPTSession`.
+step budget or the time budget (or, with `TrainArgs.run_minutes`, over this run alone). `evaluate` answers held-out items greedily through `VPTSession`.
 """
 from __future__ import annotations
 
@@ -112,6 +112,11 @@ class TrainArgs:
     warmup: int = 100
     weight_decay: float = 0.05
     minutes: float | None = None
+    """Time budget of all runs of this checkpoint together (``elapsed`` in train_state.pt counts on)."""
+    run_minutes: float | None = None
+    """This run's own time limit, and a warm restart: a fresh warmup, then the cosine from `lr` to
+    10 % over these minutes rather than over the step or total time budget (one schedule for a run
+    on any machine: a GPU covers in minutes what 2 CPU cores do in hours)."""
     device: str = "cuda"
     seed: int = 0
     workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1) - 2))
@@ -368,9 +373,10 @@ def save(out: Path, model, tokenizer, head: TokenHead, optimizer, step: int, ela
 def load_or_init(args: TrainArgs) -> tuple[VPTForConditionalGeneration, object, TokenHead, dict]:
     """(model and head on the CPU, tokenizer, train state) from `args.resume`, or a new demo model."""
     if args.resume:
-        state = torch.load(args.resume / TRAIN_STATE, weights_only=True)
+        # map_location: a checkpoint saved on a GPU resumes on a CPU too
+        state = torch.load(args.resume / TRAIN_STATE, map_location="cpu", weights_only=True)
         if (args.resume / OPTIMIZER_STATE).is_file():
-            state["optimizer"] = torch.load(args.resume / OPTIMIZER_STATE, weights_only=True)
+            state["optimizer"] = torch.load(args.resume / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
         model = VPTForConditionalGeneration.from_pretrained(args.resume)
         head = TokenHead(model.config.text_config.hidden_size)
         head.load_state_dict(state["head"])
@@ -388,7 +394,7 @@ def train(args: TrainArgs) -> dict:
     device = torch.device(args.device)
     model, tokenizer, head, state = load_or_init(args)
     start = step = state["step"]
-    warm_from = 0 if "optimizer" in state else start  # fresh moments: warm up again
+    warm_from = 0 if "optimizer" in state and not args.run_minutes else start  # fresh moments: warm up again
 
     def stage(tasks: dict[str, float], collate_fn, first: int, last: int) -> DataLoader:
         return DataLoader(
@@ -420,18 +426,24 @@ def train(args: TrainArgs) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "log.jsonl").open("a")
     budget = args.minutes * 60 if args.minutes else math.inf
+    run_budget = args.run_minutes * 60 if args.run_minutes else math.inf
     t0 = time.perf_counter()
 
     def elapsed() -> float:
         return state["elapsed"] + time.perf_counter() - t0
+
+    def progress() -> float:  # through the cosine
+        if args.run_minutes:
+            return (time.perf_counter() - t0) / run_budget
+        return max(step / args.steps, elapsed() / budget)
 
     def fresh() -> dict:  # what the next log line averages over
         return {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "sums": {}, "counts": {}}
 
     window = fresh()
     bar = tqdm(total=args.steps, initial=step, mininterval=5, dynamic_ncols=True)
-    while step < args.steps and elapsed() < budget:
-        lr = lr_at(step - warm_from, max(step / args.steps, elapsed() / budget), args)
+    while step < args.steps and elapsed() < budget and time.perf_counter() - t0 < run_budget:
+        lr = lr_at(step - warm_from, progress(), args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t_wait = time.perf_counter()
