@@ -7,7 +7,8 @@ token is about); an optional vision stage (`TrainArgs.vision_steps`) trains the 
 Conversations are generated on the fly (by DataLoader workers, if any; item ``i`` of the stream is a
 function of the seed and ``i``, so a resumed run sees the batches it would have seen). The
 learning rate warms up linearly, then follows a cosine to 10 % over whichever ends first, the
-step budget or the time budget (or, with `TrainArgs.run_minutes`, over this run alone). `evaluate` answers held-out items greedily through `VPTSession`.
+step budget or the time budget (or, with `TrainArgs.run_minutes`, over this run alone).
+`evaluate` answers held-out items greedily through `VPTSession`.
 """
 from __future__ import annotations
 
@@ -394,7 +395,8 @@ def train(args: TrainArgs) -> dict:
     device = torch.device(args.device)
     model, tokenizer, head, state = load_or_init(args)
     start = step = state["step"]
-    warm_from = 0 if "optimizer" in state and not args.run_minutes else start  # fresh moments: warm up again
+    # fresh moments, or a run with its own schedule: warm up again
+    warm_from = 0 if "optimizer" in state and not args.run_minutes else start
 
     def stage(tasks: dict[str, float], collate_fn, first: int, last: int) -> DataLoader:
         return DataLoader(
