@@ -220,17 +220,22 @@ def test_focus_pairs_point_the_region_and_the_answer_at_the_objects_tokens(tiny,
     assert len(set(block.focus[:, 1].tolist())) == 9  # one token per object
 
 
-def test_a_relation_focuses_one_head_on_each_object(tiny):
-    """Spatial answers: head 0 on the first named object, head 1 on the second (their mean says nothing)."""
+@pytest.mark.parametrize("mode", ["direct", "region"])
+def test_a_relation_focuses_one_head_on_each_object(tiny, mode):
+    """Spatial answers: head 0 on the first named object, head 1 on the second (their mean says
+    nothing), in the global view also after a crop (a model's crop may miss one of them)."""
     model, tokenizer = tiny
     (item,) = generate(0, 1, ("spatial",))
-    example = build_example(item, "direct", tokenizer, max_pixels=DEMO_MAX_PIXELS)
+    example = build_example(item, mode, tokenizer, max_pixels=DEMO_MAX_PIXELS)
+    assert len(example.image_grid_thw) == (2 if mode == "region" else 1)
     tokens, pad = example.input_ids.tolist(), tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     pads = [i for i, t in enumerate(tokens) if t == pad]
     names = [1 + NAMES.index((obj.colour, obj.shape)) for obj in item.about]
-    keys = [pads[int((example.token_labels[:, 0] == name).nonzero())] for name in names]
+    n_global = int(example.image_grid_thw[0].prod()) // 4
+    keys = [pads[int((example.token_labels[:n_global, 0] == name).nonzero())] for name in names]
     assert item.question.index(item.about[0].name) < item.question.index(item.about[1].name)
-    answer = {(key, head) for query, key, head in example.focus.tolist() if example.labels[query + 1] >= 0}
+    answer = {(key, head) for query, key, head in example.focus.tolist()  # (region tokens: before the last image)
+              if example.labels[query + 1] >= 0 and query > pads[-1]}
     assert answer == {(keys[0], 0), (keys[1], 1)}
 
 

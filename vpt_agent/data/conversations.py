@@ -112,7 +112,8 @@ def build_example(
     generate forces the action token after the start token); `VPTSession` forces nothing and stops
     at the action end, so a model it serves must learn to emit them (the default). ``max_pixels``
     is the model's ``image_max_pixels``. The region tokens and the answer are focused on the
-    tokens of the objects the question is about (in the global image, then in the last image).
+    tokens of the objects the question is about (in the global image, then in the last image; a
+    comparison's answer in the global image).
     """
     kind = route(item, mode)
     views = [(0, 0, *item.size)]
@@ -135,9 +136,12 @@ def build_example(
         turns.add(IM_END, supervised=True)
         crop_turn = second_round_user_text(1).replace(IMAGE_PLACEHOLDER, _vision(num_image_tokens(grid[1])))
         turns.add(f"{NEXT_USER}{crop_turn}{ASSISTANT}")
-    # a comparison: one head looks at each object (their mean position says nothing)
-    about = [(obj,) for obj in item.about] if item.family in COMPARING else [item.about]
-    turns.add(item.answer, supervised=True, focus=[turns.keys(objects, len(views) - 1, views[-1], grid[-1])
+    # a comparison: one head looks at each object (their mean position says nothing), in the global
+    # view, which shows both wherever the model's crop falls; other answers look at the last image
+    comparing = item.family in COMPARING
+    about = [(obj,) for obj in item.about] if comparing else [item.about]
+    image = 0 if comparing else len(views) - 1
+    turns.add(item.answer, supervised=True, focus=[turns.keys(objects, image, views[image], grid[image])
                                                    for objects in about])
     turns.add(IM_END, supervised=True)
     return turns.example(pixel_values, grid, detection_images, token_labels)
