@@ -24,7 +24,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=defaults.out, help="checkpoint directory")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint directory (its train_state.pt)")
-    parser.add_argument("--minutes", type=float, help="stop training after this many minutes (then save and evaluate)")
+    parser.add_argument("--minutes", type=float,
+                        help="time budget of all runs of this checkpoint together (then save and evaluate)")
     parser.add_argument("--run-minutes", type=float,
                         help="this run's own time limit: the learning rate restarts (warmup, cosine to 10 %%) over it")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=defaults.device)

@@ -431,20 +431,21 @@ def train(args: TrainArgs) -> dict:
     run_budget = args.run_minutes * 60 if args.run_minutes else math.inf
     t0 = time.perf_counter()
 
+    def run_time() -> float:
+        return time.perf_counter() - t0
+
     def elapsed() -> float:
-        return state["elapsed"] + time.perf_counter() - t0
+        return state["elapsed"] + run_time()
 
     def progress() -> float:  # through the cosine
-        if args.run_minutes:
-            return (time.perf_counter() - t0) / run_budget
-        return max(step / args.steps, elapsed() / budget)
+        return run_time() / run_budget if args.run_minutes else max(step / args.steps, elapsed() / budget)
 
     def fresh() -> dict:  # what the next log line averages over
         return {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "sums": {}, "counts": {}}
 
     window = fresh()
     bar = tqdm(total=args.steps, initial=step, mininterval=5, dynamic_ncols=True)
-    while step < args.steps and elapsed() < budget and time.perf_counter() - t0 < run_budget:
+    while step < args.steps and elapsed() < budget and run_time() < run_budget:
         lr = lr_at(step - warm_from, progress(), args)
         for group in optimizer.param_groups:
             group["lr"] = lr
