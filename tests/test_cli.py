@@ -10,7 +10,7 @@ from PIL import Image
 
 import vpt_agent.graph as graph_module
 from vpt_agent.cli import main
-from vpt_agent.model.demo import bundled
+from vpt_agent.model import demo
 
 
 @pytest.fixture
@@ -65,12 +65,16 @@ def test_options_reach_the_graph(monkeypatch, checkpoint, image_path, capsys):
     assert seen == {"model": str(checkpoint), "max_perception_steps": 0, "mode": "direct", "max_new_tokens": 3}
 
 
-@pytest.mark.skipif(bundled(), reason="a demo model is bundled")
-def test_without_a_model_warns_about_the_random_fallback(image_path, capsys):
-    assert main(["ask", str(image_path), "What is it?", "--max-new-tokens", "2"]) == 0
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("vpt-agent: warning: no bundled demo model")
-    assert "random-weight" in err[0]
+def test_without_a_model_the_demo_model_answers(image_path, capsys):
+    assert main(["ask", str(image_path), "What is it?"]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and len(out.out.splitlines()) >= 1, out  # no random-model warning, an answer line
+
+
+def test_a_missing_demo_model_is_one_error_line(image_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "DEMO_DIR", image_path.parent / "no_demo")
+    assert main(["ask", str(image_path), "What is it?"]) == 1
+    _one_error_line(capsys.readouterr().err, "bundled demo model is missing")
 
 
 def _one_error_line(err: str, message: str) -> None:

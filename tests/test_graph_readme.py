@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import types
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +42,7 @@ def _run(code: str) -> tuple[dict, str]:
     sys.modules[module.__name__] = module
     out = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(out):
-            warnings.filterwarnings("ignore", message="no bundled demo model")
+        with contextlib.redirect_stdout(out):
             exec(compile(code, "README.md", "exec"), module.__dict__)
     finally:
         del sys.modules[module.__name__]

@@ -9,7 +9,6 @@ the same KV cache.
 from __future__ import annotations
 
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from pydantic import BaseModel, Field
 from . import model as vpt_model
 from .configuration import VPTOptions
 from .errors import ConfigError
-from .model.demo import bundled as demo_bundled, default_model
+from .model.demo import default_model
 from .model.loading import load_tokenizer
 from .model.tokenizer import special_ids
 from .nodes import VPTNodes
@@ -72,18 +71,9 @@ def build_graph(
 
 def resolve_model(model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) from a model object and its tokenizer, a checkpoint directory, or None
-    (the bundled demo model; a tiny random-weight model with a warning where none is bundled)."""
+    (the bundled demo model)."""
     if model is None:
-        if demo_bundled():
-            return default_model()
-        from .model.tiny import tiny_vpt_model
-
-        warnings.warn(
-            "no bundled demo model is installed: using a tiny random-weight VPT model, "
-            "whose answers are meaningless (pass a checkpoint with --model / model=)",
-            stacklevel=2,
-        )
-        return tiny_vpt_model()
+        return default_model()
     if isinstance(model, (str, Path)):
         return load_model(model)
     if tokenizer is None:
