@@ -3,6 +3,7 @@
 example)."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from vpt_agent.evaluation.runner import EvalSpec, evaluate
 from vpt_agent.graph import build_graph
 from vpt_agent.data.synthetic import make_item
 from vpt_agent.images import load_image
-from vpt_agent.model.demo import DEMO_DIR, default_model, example
+from vpt_agent.model.demo import ASSETS, DEMO_DIR, default_model, example
 
 README = Path(__file__).parents[1] / "README.md"
 HELD_OUT_SEED = 1000
@@ -23,17 +24,11 @@ HELD_OUT_SEED = 1000
 
 def test_the_example_is_a_held_out_fine_detail_question():
     shipped = example()
-    item = make_item(7, 1, ("fine_detail",))
+    record = json.loads((ASSETS / "example.json").read_text(encoding="utf-8"))  # tools/make_example.py's choice
+    assert record["seed"] not in (0, 1)  # the training streams
+    item = make_item(record["seed"], record["index"], ("fine_detail",))
     assert (shipped.question, shipped.answer) == (item.question, item.answer)
     assert load_image(str(shipped.image)).equal(item.image)  # lossless
-
-
-def test_readme_main_command_prints_the_example_and_an_answer(capsys):
-    assert "vpt-agent ask --example" in README.read_text()
-    assert main(["ask", "--example", "--max-new-tokens", "8"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    shipped = example()
-    assert out[:2] == [str(shipped.image), f"Q: {shipped.question}"] and out[2].startswith("A: ")
 
 
 def test_the_bundle_is_small_and_loads_by_default():
@@ -70,6 +65,7 @@ def test_region_outputs_are_well_formed(held_out):
 
 
 def test_readme_main_command_prints_the_right_answer_and_the_region(capsys):
+    assert "vpt-agent ask --example" in README.read_text()
     assert main(["ask", "--example"]) == 0
     out = capsys.readouterr().out.splitlines()
     shipped = example()
