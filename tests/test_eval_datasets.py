@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vpt_agent.evaluation.datasets import DatasetError, export_synthetic, read_dataset, split_prompt
-from vpt_agent.tokens import REENCODE_PROMPT, REGION_PROMPT
+from vpt_agent.prompts import REENCODE_PROMPT, REGION_PROMPT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vpt_datasets"
 

@@ -31,7 +31,8 @@ from vpt_agent.model.loading import read_state_dict
 from vpt_agent.model.session import VPTSession
 from vpt_agent.model.tiny import tiny_vpt_model
 from vpt_agent.model.tokenizer import encode_user_text
-from vpt_agent.tokens import ALL_SPECIAL_TOKENS, build_question
+from vpt_agent.tokens import ALL_SPECIAL_TOKENS
+from vpt_agent.prompts import build_question
 
 CORNERS = (  # two regions touching opposite corners of the image
     "<|region_token_start|><|x_0|><|y_0|><|region_token_end|>"

@@ -27,9 +27,9 @@ from vpt_agent.tokens import (
     ENDOFTEXT,
     IM_END,
     VPT_SPECIAL_TOKENS,
-    build_question,
     parse_actions,
 )
+from vpt_agent.prompts import build_question
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 INJECTIONS = [

@@ -23,9 +23,7 @@ from vpt_agent.tokens import (
     CHAT_TOKENS,
     CONFIG_TOKEN_FIELDS,
     NUM_CUT,
-    REENCODE_PROMPT,
     REGION_END,
-    REGION_PROMPT,
     REGION_START,
     VPT_SPECIAL_TOKENS,
     X_TOKENS,
@@ -33,11 +31,10 @@ from vpt_agent.tokens import (
     ParsedOutput,
     ReEncode,
     RegionSelection,
-    build_question,
     parse_actions,
     region_box,
-    second_round_user_text,
 )
+from vpt_agent.prompts import REENCODE_PROMPT, REGION_PROMPT, build_question, second_round_user_text
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 CASES = json.loads((FIXTURES / "region_cases.json").read_text())

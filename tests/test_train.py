@@ -14,7 +14,6 @@ from vpt_agent.data.conversations import (
     block_reading_example,
     build_example,
     grounding_example,
-    prompt_ids,
     reading_example,
     region_text,
 )
@@ -27,7 +26,8 @@ from vpt_agent.model.tiny import TINY_DINO, tiny_vpt_model
 from vpt_agent.perception.crop import crop
 from vpt_agent.perception.qwen_image import num_image_tokens, qwen_pixel_values
 from vpt_agent.perception.reencode import branch_features
-from vpt_agent.tokens import BRANCHES, IM_END, IMAGE_PAD, build_question, parse_actions, region_box
+from vpt_agent.tokens import BRANCHES, IM_END, IMAGE_PAD, parse_actions, region_box
+from vpt_agent.prompts import build_question, first_turn_ids
 from vpt_agent.train import (
     DEMO_MAX_PIXELS,
     TASKS,
@@ -114,7 +114,7 @@ def test_grounding_conversation_names_and_locates_every_object(tiny, item):
     model, tokenizer = tiny
     example = grounding_example(item, tokenizer)
     prompt = [t for t, label in zip(example.input_ids.tolist(), example.labels.tolist()) if label == IGNORE]
-    assert prompt == prompt_ids(tokenizer, GROUNDING_QUESTION, num_image_tokens(example.image_grid_thw))
+    assert prompt == first_turn_ids(tokenizer, GROUNDING_QUESTION, num_image_tokens(example.image_grid_thw))
     answer = tokenizer.decode(example.labels[len(prompt):].tolist(), skip_special_tokens=False)
     lines = answer.removesuffix(IM_END).split("\n")
     assert len(lines) == len(item.objects)
@@ -139,7 +139,7 @@ def test_block_reading_conversation_reads_nine_glyphs_at_crop_scale(tiny):
     example = block_reading_example(0, 3, tokenizer)
     pixel_values, grid = qwen_pixel_values([crop(image, box)])
     assert torch.equal(example.pixel_values, pixel_values)
-    prompt = prompt_ids(tokenizer, BLOCK_QUESTION, num_image_tokens(grid))
+    prompt = first_turn_ids(tokenizer, BLOCK_QUESTION, num_image_tokens(grid))
     answer = "\n".join(f"{o.name} {o.glyph}" for o in objects) + IM_END
     assert example.labels.tolist() == [IGNORE] * len(prompt) + ids(tokenizer, answer)
     rows = [cells_covering(o.box, size)[1::-1] for o in objects]
@@ -173,7 +173,7 @@ def test_reading_conversation_shows_the_crop_alone(tiny, item):
     view = crop(item.image, region_box(item.cells, item.size)[1])
     pixel_values, grid = qwen_pixel_values([view])
     assert torch.equal(example.pixel_values, pixel_values) and torch.equal(example.image_grid_thw, grid)
-    prompt = prompt_ids(tokenizer, item.question, num_image_tokens(grid))
+    prompt = first_turn_ids(tokenizer, item.question, num_image_tokens(grid))
     assert example.input_ids.tolist() == prompt + ids(tokenizer, item.answer + IM_END)
     assert example.labels.tolist() == [IGNORE] * len(prompt) + ids(tokenizer, item.answer + IM_END)
 

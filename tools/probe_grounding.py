@@ -28,11 +28,11 @@ import time
 
 import torch
 
-from vpt_agent.data.conversations import ASSISTANT, GROUNDING_QUESTION
+from vpt_agent.data.conversations import GROUNDING_QUESTION
 from vpt_agent.data.synthetic import COLOURS, SHAPES
 from vpt_agent.model.modeling import VPTForConditionalGeneration
 from vpt_agent.model.reference import rope_index
-from vpt_agent.model.session import DEFAULT_SYSTEM
+from vpt_agent.prompts import ASSISTANT, DEFAULT_SYSTEM
 from vpt_agent.tokens import NUM_CUT, REGION_START, X_TOKENS, Y_TOKENS
 from vpt_agent.train import demo_config, demo_tokenizer, focus_loss
 

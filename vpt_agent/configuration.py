@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError
 from .images import MAX_PIXELS, MAX_QUESTION_CHARS, MAX_SIDE
 from .model.session import DEFAULT_SYSTEM
-from .tokens import PromptMode
+from .prompts import PromptMode
 
 ActionName = Literal["region", "dino", "sam", "clip"]
 """A perception action: region selection or one re-encoding branch."""

@@ -36,7 +36,8 @@ from .perception.crop import crops
 from .perception.reencode import branch_features
 from .state import StepRecord, VPTState
 from .store import Event, RunCache, VPTStore
-from .tokens import ACTION_STARTS, BRANCHES, ParsedOutput, build_question, parse_actions
+from .tokens import ACTION_STARTS, BRANCHES, ParsedOutput, parse_actions
+from .prompts import build_question
 
 
 REASK: dict[str, Any] = {"kind": "reask"}

@@ -1,4 +1,5 @@
-"""The VPT vocabulary, the prompt suffixes, and the parser of generated text into typed actions.
+"""The VPT vocabulary and the parser of generated text into typed actions (the prompts that
+surround them are in `vpt_agent.prompts`).
 
 This module is the single owner of token semantics. The parsing rules follow the reference
 evaluation (see ``tests/fixtures/reference/region_cases.json``):
@@ -38,7 +39,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .errors import (
     BadImageError,
     BadModelOutputError,
-    BadQuestionError,
     ConfigError,
     InputMismatchError,
     MissingBranchError,
@@ -166,31 +166,6 @@ CONFIG_TOKEN_FIELDS: Mapping[str, str] = MappingProxyType(
 )
 """VPT / Qwen2-VL config field → the token whose id it holds."""
 
-# --- prompts ------------------------------------------------------------------------------------
-REGION_PROMPT = "Identify the region that can help you answer the question, and then answer the question"
-REENCODE_PROMPT = "Require additional perception features, and then answer the question"
-PromptMode = Literal["region", "reencode", "free", "direct"]
-"""region / reencode: ask for that kind of action; free: the model decides (the -NoPrompt model);
-direct: a plain question, no VPT prompt."""
-PROMPT_SUFFIXES: Mapping[str, str | None] = MappingProxyType(
-    {"region": REGION_PROMPT, "reencode": REENCODE_PROMPT, "free": None, "direct": None}
-)
-
-
-def build_question(question: str, mode: PromptMode) -> str:
-    """The user's question with the mode's suffix: ``"<question>\\n<suffix>."``.
-
-    The question is stripped; "free" and "direct" add nothing.
-    """
-    if not isinstance(question, str) or not question.strip():
-        raise BadQuestionError("the question must be a non-empty string")
-    if mode not in PROMPT_SUFFIXES:
-        raise ConfigError(f"unknown prompt mode {mode!r}; expected one of {sorted(PROMPT_SUFFIXES)}")
-    suffix = PROMPT_SUFFIXES[mode]
-    question = question.strip()
-    return question if suffix is None else f"{question}\n{suffix}."
-
-
 # --- typed actions ------------------------------------------------------------------------------
 Cell = Annotated[int, Field(ge=0, le=NUM_CUT - 1)]
 Cells = tuple[Cell, Cell, Cell, Cell]
@@ -293,15 +268,6 @@ def region_box(
     x0, y0 = int(margin[0] * cell_w), int(margin[1] * cell_h)  # < width, < height: margin ≤ 7
     box = (x0, y0, max(int((margin[2] + 1) * cell_w), x0 + 1), max(int((margin[3] + 1) * cell_h), y0 + 1))
     return margin, box
-
-
-def second_round_user_text(n_regions: int) -> str:
-    """User turn showing the crops: ``"<image>"`` for one, ``"Region i: <image>\\n"`` × n for several."""
-    if n_regions < 1:
-        raise InputMismatchError(f"a region turn needs at least one region, got {n_regions}")
-    if n_regions == 1:
-        return IMAGE_PLACEHOLDER
-    return "".join(f"Region {i}: {IMAGE_PLACEHOLDER}\n" for i in range(n_regions))
 
 
 # --- parser -------------------------------------------------------------------------------------

@@ -43,12 +43,13 @@ from .model.config import VPTConfig
 from .model.loading import load_tokenizer
 from .model.modeling import VPTForConditionalGeneration
 from .model.reference import rope_index
-from .model.session import DEFAULT_SYSTEM, VPTSession
+from .model.session import VPTSession
 from .model.tiny import TINY_DINO, tiny_config
 from .model.tokenizer import build_bpe_tokenizer
 from .perception.crop import crops
 from .perception.reencode import branch_features
-from .tokens import ACTION_STARTS, REENCODE_PROMPT, REGION_PROMPT, PromptMode, build_question, parse_actions
+from .tokens import ACTION_STARTS, parse_actions
+from .prompts import DEFAULT_SYSTEM, REENCODE_PROMPT, REGION_PROMPT, PromptMode, build_question
 
 TASKS: dict[PromptMode | Literal["ground", "read", "read_block", "block_view"], float] = {
     "region": 0.33, "reencode": 0.07, "free": 0.1, "direct": 0.08, "ground": 0.12, "read": 0.1, "read_block": 0.1,

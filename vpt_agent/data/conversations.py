@@ -1,4 +1,5 @@
-"""Benchmark items as training conversations, token for token what `VPTSession` builds.
+"""Benchmark items as training conversations, token for token what a `Conversation` feeds the model
+(both build their turns with `vpt_agent.prompts`).
 
 A conversation is the system turn, the user turn (global image + "\\n" + question with the mode's
 suffix), then either the answer, or a perception round and the answer:
@@ -22,38 +23,23 @@ from typing import Literal
 
 import torch
 
-from ..model.session import DEFAULT_SYSTEM
-from ..model.tokenizer import encode_user_text
 from ..perception.crop import crop
 from ..perception.dino import preprocess_dino
 from ..perception.qwen_image import num_image_tokens, qwen_pixel_values
-from ..tokens import (
-    BRANCHES,
-    IMAGE_PAD,
-    IMAGE_PLACEHOLDER,
-    IM_END,
-    REGION_END,
-    REGION_START,
-    VISION_END,
-    VISION_START,
-    X_TOKENS,
-    Y_TOKENS,
-    Box,
-    Cells,
+from ..prompts import (
+    DEFAULT_SYSTEM,
     PromptMode,
     build_question,
-    region_box,
-    second_round_user_text,
+    first_turn_ids,
+    reencode_turn_ids,
+    region_turn_ids,
 )
+from ..tokens import BRANCHES, IM_END, IMAGE_PAD, REGION_END, REGION_START, X_TOKENS, Y_TOKENS, Box, Cells, region_box
 from .synthetic import COLOURS, COMPARING, SHAPES, Item, SceneObject, block_scene, cells_covering
 from .token_labels import IGNORE, labelled_view, token_index, view_labels
 
 Route = Literal["region", "reencode", "answer"]
 DINO = BRANCHES["dino"]
-ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
-"""Closes a user turn and opens the assistant's."""
-NEXT_USER = "\n<|im_start|>user\n"
-"""Follows an assistant turn's ``<|im_end|>``."""
 GROUNDING_QUESTION = "Where is each shape?"
 """The auxiliary grounding task's question (`grounding_example`)."""
 BLOCK_QUESTION = "What character is in each shape?"
@@ -89,13 +75,6 @@ def region_text(cells: Cells) -> str:
     return REGION_START + "".join(X_TOKENS[x0 : x1 + 1]) + "".join(Y_TOKENS[y0 : y1 + 1]) + REGION_END
 
 
-def prompt_ids(tokenizer, question: str, image_tokens: int, *, system_prompt: str = DEFAULT_SYSTEM) -> list[int]:
-    """Round 1 as `VPTSession.start` builds it: system turn, user turn (image, "\\n", question), and
-    the opened assistant turn. ``question`` already carries its mode's suffix."""
-    head = f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n{_vision(image_tokens)}\n"
-    return [*_ids(tokenizer, head), *encode_user_text(tokenizer, question), *_ids(tokenizer, ASSISTANT)]
-
-
 def build_example(
     item: Item,
     mode: PromptMode,
@@ -122,20 +101,19 @@ def build_example(
     pixel_values, grid = qwen_pixel_values([crop(item.image, view) for view in views], max_pixels=max_pixels)
     token_labels = torch.cat([view_labels(item.objects, view, g, global_view=k == 0)
                               for k, (view, g) in enumerate(zip(views, grid.tolist()))])
-    turns = _Turns(tokenizer, prompt_ids(tokenizer, build_question(item.question, mode), num_image_tokens(grid[0]),
-                                         system_prompt=system_prompt))
+    turns = _Turns(tokenizer, first_turn_ids(tokenizer, build_question(item.question, mode),
+                                             num_image_tokens(grid[0]), system_prompt))
     detection_images = None
     if kind == "reencode":
         turns.add(DINO.action_start, supervised=True)
         turns.add(DINO.action + DINO.action_end, supervised=action_labels)
         turns.add(IM_END, supervised=True)
-        turns.add(f"{NEXT_USER}{_vision(DINO.num_placeholders(), DINO.image_pad)}{ASSISTANT}")
+        turns.add_ids(reencode_turn_ids(tokenizer, DINO.name, DINO.num_placeholders()))
         detection_images = preprocess_dino(item.image)[None]
     elif kind == "region":
         turns.add(region_text(item.cells), supervised=True, focus=[turns.keys(item.about, 0, views[0], grid[0])])
         turns.add(IM_END, supervised=True)
-        crop_turn = second_round_user_text(1).replace(IMAGE_PLACEHOLDER, _vision(num_image_tokens(grid[1])))
-        turns.add(f"{NEXT_USER}{crop_turn}{ASSISTANT}")
+        turns.add_ids(region_turn_ids(tokenizer, [num_image_tokens(grid[1])]))
     # a comparison: one head looks at each object (their mean position says nothing), in the global
     # view, which shows both wherever the model's crop falls; other answers look at the last image
     comparing = item.family in COMPARING
@@ -199,7 +177,7 @@ def _one_round(
     with ``lines`` (text, then text focused on an object) joined by newlines."""
     seen = labelled_view(image, objects, view, max_pixels)
     grid = seen.image_grid_thw
-    turns = _Turns(tokenizer, prompt_ids(tokenizer, question, num_image_tokens(grid[0]), system_prompt=system_prompt))
+    turns = _Turns(tokenizer, first_turn_ids(tokenizer, question, num_image_tokens(grid[0]), system_prompt))
     for k, (text, focused, obj) in enumerate(lines):
         turns.add("\n" * (k > 0) + text, supervised=True)
         turns.add(focused, supervised=True, focus=[turns.keys((obj,), 0, view, grid[0])])
@@ -218,7 +196,11 @@ class _Turns:
     def add(self, text: str, supervised: bool = False, focus: Sequence[list[int]] = ()) -> None:
         """Append ``text``; each of its tokens is to be predicted with attention head ``h`` looking at
         the positions ``focus[h]``."""
-        new, start = _ids(self.tokenizer, text), len(self.ids)
+        self.add_ids(_ids(self.tokenizer, text), supervised, focus)
+
+    def add_ids(self, new: list[int], supervised: bool = False, focus: Sequence[list[int]] = ()) -> None:
+        """`add` for token ids (a user turn from `vpt_agent.prompts`)."""
+        start = len(self.ids)
         self.ids.extend(new)
         self.labels.extend(new if supervised else [IGNORE] * len(new))
         self.focus.extend((position - 1, key, head) for position in range(start, start + len(new))
@@ -240,7 +222,3 @@ class _Turns:
 def _ids(tokenizer, text: str) -> list[int]:
     """Template text (special tokens recognised)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _vision(n_tokens: int, pad: str = IMAGE_PAD) -> str:
-    return VISION_START + pad * n_tokens + VISION_END

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import ConfigError
-from ..tokens import PROMPT_SUFFIXES
+from ..prompts import PROMPT_SUFFIXES
 from .metrics import METRICS
 
 SYNTHETIC_SEED = 1000

@@ -33,7 +33,8 @@ from ..data.conversations import region_text
 from ..data.synthetic import FAMILIES, Family, make_item
 from ..errors import VPTError
 from ..perception.crop import crop
-from ..tokens import BRANCHES, IMAGE_PLACEHOLDER, PROMPT_SUFFIXES, PromptMode, build_question, region_box
+from ..tokens import BRANCHES, IMAGE_PLACEHOLDER, region_box
+from ..prompts import PROMPT_SUFFIXES, PromptMode, build_question
 
 GROUND_TRUTH_PREFIX = "Now answer the question.\n"
 """Some splits open the ground-truth turn with this line; the paper's scorer drops it."""

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, VPTError
 from ..graph import build_graph, resolve_model
-from ..tokens import PROMPT_SUFFIXES
+from ..prompts import PROMPT_SUFFIXES
 from .datasets import Dataset, EvalItem, SyntheticImage, read_dataset
 from .distributed import Group, launched, launched_group, local_group
 from .judge import OpenAIJudge
