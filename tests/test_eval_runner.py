@@ -11,7 +11,7 @@ import pytest
 
 from vpt_agent.cli import main
 from vpt_agent.evaluation.runner import EvalSpec, PredictionLog, evaluate
-from vpt_agent.model.session import VPTSession
+from vpt_agent.model.modeling import VPTForConditionalGeneration
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vpt_datasets"
 TEXTVQA = str(FIXTURES / "TextVQA_region_test.json")
@@ -110,19 +110,19 @@ def test_the_output_folder_guards(checkpoint, tmp_path, capsys):
 
 
 def test_failed_items_get_no_line_and_the_next_run_retries_them(checkpoint, tmp_path, monkeypatch, capsys):
-    real = VPTSession.generate
+    real = VPTForConditionalGeneration.forward
 
-    def out_of_memory(*args, **kwargs):
+    def out_of_memory(*args, **kwargs):  # every model step, inside the batching engine
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(VPTSession, "generate", out_of_memory)
+    monkeypatch.setattr(VPTForConditionalGeneration, "forward", out_of_memory)
     assert _eval(TEXTVQA, tmp_path, checkpoint) == 1
     err = capsys.readouterr().err
     assert "3 items failed" in err and "ModelError" in err and "CUDA out of memory" in err
     assert _lines(tmp_path) == []
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["modes"]["region"]["failed"] == 3 and len(summary["failed"]) == 3
-    monkeypatch.setattr(VPTSession, "generate", real)
+    monkeypatch.setattr(VPTForConditionalGeneration, "forward", real)
     assert _eval(TEXTVQA, tmp_path, checkpoint) == 0
     assert len(_lines(tmp_path)) == 3
 

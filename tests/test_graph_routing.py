@@ -1,10 +1,11 @@
-"""Routing, refusals, options and KV-cache replay with a scripted stand-in for the model session.
+"""Routing, refusals, options and KV-cache replay with a scripted stand-in for the model.
 
-The stand-in plays fixed texts through the `VPTSession` protocol and logs every call; the
-real model runs the same routes in test_graph_e2e.py.
+The stand-in plays fixed texts in place of the model's rounds (the batching engine) and logs every
+call the graph makes on a conversation; the real model runs the same routes in test_graph_e2e.py.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,7 @@ import vpt_agent.graph as graph_module
 from vpt_agent.errors import ConfigError
 from vpt_agent.graph import build_graph
 from vpt_agent.images import load_image
-from vpt_agent.model.session import Turn
+from vpt_agent.model.conversation import Turn
 from vpt_agent.model.tokenizer import build_char_tokenizer
 from vpt_agent.store import VPTStore
 
@@ -32,48 +33,62 @@ STOPS = {
     for t in (END, "<|detection_action_end|>", "<|seg_action_end|>", "<|clip_action_end|>")
 }
 FEATURES = {"dino": (256, 8), "sam": (8, 64, 64), "clip": (12, 16)}
+LOG: list[tuple] = []
 
 
-class ScriptedSession:
-    """Generates `script[i]` in round i (after any forced ids) and logs each call in `log`."""
+class ScriptedConversation:
+    """Logs the turns the graph adds; `ScriptedEngine` plays its rounds."""
 
     script: list[str] = []
-    log: list[tuple] = []
+    chat = SimpleNamespace(placeholders=())
 
-    def __init__(self, model, tokenizer, *, system_prompt: str = "", suppress=()) -> None:
+    def __init__(self, model, tokenizer, *, system_prompt: str = "") -> None:
         self.tokenizer, self.round = tokenizer, 0
 
-    def start(self, images, questions) -> None:
-        self.log.append(("start", tuple(images[0].shape), questions[0]))
+    def start(self, image, question) -> None:
+        LOG.append(("start", tuple(image.shape), question))
 
-    def generate(self, max_new_tokens=64, *, forced=None, on_text=None) -> dict[int, Turn]:
-        forced_ids = list((forced or {}).get(0, ()))
-        text = self.script[self.round] if self.round < len(self.script) else "done" + END
-        ids = (forced_ids + self.tokenizer(text, add_special_tokens=False)["input_ids"])[:max_new_tokens]
+    def add_regions(self, crops) -> None:
+        LOG.append(("regions", [tuple(c.shape) for c in crops]))
+
+    def add_reencode(self, branch, features) -> None:
+        LOG.append(("reencode", branch, tuple(features.shape)))
+
+    def add_text(self, text) -> None:
+        LOG.append(("text", text))
+
+
+class ScriptedEngine:
+    """Generates `script[i]` in round i of a conversation (after any forced ids) and logs each round."""
+
+    def configure(self, **_) -> None:
+        pass
+
+    def preparing(self):
+        return nullcontext()
+
+    def generate(self, round_, on_token=None) -> Turn:
+        conversation, forced_ids = round_.conversation, list(round_.forced)
+        script = ScriptedConversation.script
+        text = script[conversation.round] if conversation.round < len(script) else "done" + END
+        ids = (forced_ids + TOKENIZER(text, add_special_tokens=False)["input_ids"])[: round_.max_new_tokens]
         stop = next((i for i, t in enumerate(ids) if t in STOPS), None)
         ids = ids if stop is None else ids[: stop + 1]
-        self.round += 1
-        self.log.append(("generate", forced_ids, max_new_tokens))
+        conversation.round += 1
+        LOG.append(("generate", forced_ids, round_.max_new_tokens))
         for token in ids:
-            if on_text is not None:
-                on_text(0, self.tokenizer.decode([token]))
-        decoded = self.tokenizer.decode(ids, skip_special_tokens=False)
-        kind = "length" if stop is None else ("eos" if decoded.endswith(END) else "action")
-        return {0: Turn(ids, decoded, kind)}
+            if on_token is not None:
+                on_token(token)
+        decoded = TOKENIZER.decode(ids, skip_special_tokens=False)
+        return Turn(ids, decoded, "length" if stop is None else ("eos" if decoded.endswith(END) else "action"))
 
-    def add_regions(self, row, crops) -> None:
-        self.log.append(("regions", [tuple(c.shape) for c in crops]))
-
-    def add_reencode(self, row, branch, features) -> None:
-        self.log.append(("reencode", branch, tuple(features.shape)))
-
-    def add_text(self, row, text) -> None:
-        self.log.append(("text", text))
+    async def agenerate(self, round_, on_token=None) -> Turn:
+        return self.generate(round_, on_token)
 
 
 @pytest.fixture
 def scripted(monkeypatch):
-    """`make(script, branches=..., **options)` -> a graph driving ScriptedSession; the store list."""
+    """`make(script, branches=..., **options)` -> a graph on the scripted model; the store list."""
     stores: list[VPTStore] = []
 
     class RecordingStore(VPTStore):
@@ -81,13 +96,14 @@ def scripted(monkeypatch):
             super().__init__()
             stores.append(self)
 
-    monkeypatch.setattr("vpt_agent.nodes.VPTSession", ScriptedSession)
+    monkeypatch.setattr("vpt_agent.nodes.Conversation", ScriptedConversation)
+    monkeypatch.setattr("vpt_agent.nodes.engine_for", lambda model: ScriptedEngine())
     monkeypatch.setattr("vpt_agent.nodes.branch_features", lambda model, branch, image: torch.zeros(FEATURES[branch]))
     monkeypatch.setattr(graph_module, "VPTStore", RecordingStore)
-    ScriptedSession.log = []
+    LOG.clear()
 
     def make(script, branches=("dino", "sam", "clip"), checkpointer=None, **options):
-        ScriptedSession.script = list(script)
+        ScriptedConversation.script = list(script)
         model = SimpleNamespace(config=SimpleNamespace(branches=branches), parameters=lambda: iter([torch.zeros(1)]))
         return build_graph(model, checkpointer, tokenizer=TOKENIZER, **options)
 
@@ -108,7 +124,7 @@ def test_no_action_answers_directly(scripted):
     assert _nodes(result) == ["perceive", "mllm", "answer"]
     assert result["answer"] == "The sign says STOP."
     assert result["actions"] == [] and result["regions"] == [] and result["error"] is None
-    assert ScriptedSession.log[0] == ("start", (3, 64, 80), PROMPT)
+    assert LOG[0] == ("start", (3, 64, 80), PROMPT)
 
 
 def test_one_region_is_cropped_on_the_original_image(scripted):
@@ -117,14 +133,14 @@ def test_one_region_is_cropped_on_the_original_image(scripted):
     assert result["regions"] == [[0, 8, 30, 32]]  # cells x 0..2, y 1..3 with the margin
     assert result["steps"][2]["boxes"] == [[0, 8, 30, 32]]
     assert result["actions"][0]["kind"] == "region"
-    assert ("regions", [(3, 24, 30)]) in ScriptedSession.log
+    assert ("regions", [(3, 24, 30)]) in LOG
     assert result["answer"] == "A cat."
 
 
 def test_two_regions_become_two_crops_in_one_turn(scripted):
     result = scripted([TWO_REGIONS + END, "Two." + END]).invoke({"image": IMAGE, "q": "What?"})
     assert result["regions"] == [[0, 8, 30, 32], [50, 0, 80, 24]]
-    assert [e for e in ScriptedSession.log if e[0] == "regions"] == [("regions", [(3, 24, 30), (3, 24, 30)])]
+    assert [e for e in LOG if e[0] == "regions"] == [("regions", [(3, 24, 30), (3, 24, 30)])]
     assert _nodes(result).count("crop") == 1
 
 
@@ -135,7 +151,7 @@ def test_reencode_routes_to_its_branch(scripted, action, branch):
     assert result["steps"][2]["feature_shape"] == list(FEATURES[branch])
     action = {"kind": "reencode", "regions": [], "reencode": {"branch": branch}, "error": None, "error_type": None}
     assert result["actions"] == [action]
-    assert ("reencode", branch, FEATURES[branch]) in ScriptedSession.log
+    assert ("reencode", branch, FEATURES[branch]) in LOG
     assert result["answer"] == "Seen."
 
 
@@ -152,8 +168,8 @@ def test_malformed_output_is_recorded_and_answered_without_perception(scripted, 
     result = scripted([text, "Cat." + END]).invoke({"image": IMAGE, "q": "What?"})
     assert _nodes(result) == ["perceive", "mllm", "mllm", "answer"]  # asked again, answered
     assert result["error"].startswith(error) and result["steps"][1]["error"] == result["error"]
-    assert result["actions"] == [] and not [e for e in ScriptedSession.log if e[0] in ("regions", "reencode")]
-    assert ("text", "What?") in ScriptedSession.log and result["answer"] == "Cat."
+    assert result["actions"] == [] and not [e for e in LOG if e[0] in ("regions", "reencode")]
+    assert ("text", "What?") in LOG and result["answer"] == "Cat."
 
 
 def test_mixed_actions_are_final(scripted):
@@ -187,7 +203,7 @@ def test_disallowed_actions_are_refused(scripted, options, script):
 
 def test_direct_mode_adds_no_suffix(scripted):
     scripted(["Hi" + END], mode="direct").invoke({"image": IMAGE, "q": "What?"})
-    assert ScriptedSession.log[0][2] == "What?"
+    assert LOG[0][2] == "What?"
 
 
 def test_loop_bound(scripted):
@@ -206,14 +222,14 @@ def test_options_from_configurable_override_arguments(scripted):
     config = {"configurable": {"max_perception_steps": 1, "max_new_tokens": 10}}
     result = graph.invoke({"image": IMAGE, "q": "What?"}, config)
     assert len(result["actions"]) == 1
-    assert [e[2] for e in ScriptedSession.log if e[0] == "generate"] == [10, 10, 10]
+    assert [e[2] for e in LOG if e[0] == "generate"] == [10, 10, 10]
 
 
 def test_forced_text_comes_first_and_extends_the_budget(scripted):
     graph = scripted(["ignored" + END, "Fine." + END], force=(DINO,), max_new_tokens=4)
     result = graph.invoke({"image": IMAGE, "q": "What?"})
     assert _nodes(result) == ["perceive", "mllm", "dino", "mllm", "answer"]
-    first = [e for e in ScriptedSession.log if e[0] == "generate"][0]
+    first = [e for e in LOG if e[0] == "generate"][0]
     assert first[1] == TOKENIZER(DINO, add_special_tokens=False)["input_ids"] and first[2] == 3 + 4
 
 
@@ -224,7 +240,7 @@ def test_bad_input_ends_at_perceive(scripted):
     assert result["error"].startswith("BadImageError: not a readable image")
     result = graph.invoke({"image": IMAGE, "q": "  "})
     assert result["error"] == "BadQuestionError: the question is empty"
-    assert ScriptedSession.log == []
+    assert LOG == []
 
 
 def test_invalid_options_raise_config_error(scripted):
@@ -256,12 +272,12 @@ def test_resume_replays_turns_with_forced_tokens(scripted):
     first = scripted([REGION + END, DINO, "Done." + END], checkpointer=saver)
     first.invoke({"image": IMAGE, "q": "What?"}, config, interrupt_after=["crop"])
     assert first.get_state(config).next == ("mllm",)
-    ScriptedSession.log = []
+    LOG.clear()
 
     second = scripted([REGION + END, DINO, "Done." + END], checkpointer=saver)  # a fresh store: as in a new process
     result = second.invoke(None, config)
     region_ids = TOKENIZER(REGION + END, add_special_tokens=False)["input_ids"]
-    assert ScriptedSession.log[:4] == [
+    assert LOG[:4] == [
         ("start", (3, 64, 80), PROMPT),
         ("generate", region_ids, len(region_ids)),  # round 1 replayed, forced
         ("regions", [(3, 24, 30)]),  # crop recomputed from the state
@@ -277,10 +293,10 @@ def test_resume_from_an_earlier_checkpoint_rebuilds_the_session(scripted):
     graph.invoke({"image": IMAGE, "q": "What?"}, config, interrupt_after=["mllm"])
     graph.invoke(None, config, interrupt_after=["mllm"])  # crop, then round 2: the live session has 2 turns
     after_crop = next(s for s in graph.get_state_history(config) if s.next == ("mllm",))
-    ScriptedSession.log = []
-    ScriptedSession.script = [REGION + END, "Again." + END]
+    LOG.clear()
+    ScriptedConversation.script = [REGION + END, "Again." + END]
     result = graph.invoke(None, after_crop.config)
-    assert [e[0] for e in ScriptedSession.log] == ["start", "generate", "regions", "generate"]
+    assert [e[0] for e in LOG] == ["start", "generate", "regions", "generate"]
     assert result["answer"] == "Again."
 
 
@@ -301,7 +317,7 @@ def test_a_new_question_on_the_same_thread_starts_afresh(scripted):
     graph = scripted([REGION + END, "One." + END], checkpointer=InMemorySaver())
     config = {"configurable": {"thread_id": "t"}}
     assert len(graph.invoke({"image": IMAGE, "q": "What?"}, config)["regions"]) == 1
-    ScriptedSession.script = ["Two." + END]
+    ScriptedConversation.script = ["Two." + END]
     result = graph.invoke({"image": IMAGE, "q": "And now?"}, config)
     assert _nodes(result) == ["perceive", "mllm", "answer"] and result["answer"] == "Two."
     assert result["regions"] == [] and result["actions"] == [] and result["error"] is None
@@ -322,18 +338,18 @@ def test_a_failed_round_is_retried_on_a_rebuilt_session(scripted, monkeypatch):
     saver = InMemorySaver()
     config = {"configurable": {"thread_id": "t"}}
     graph = scripted([REGION + END, "Done." + END], checkpointer=saver)
-    real_generate = ScriptedSession.generate
+    real_generate = ScriptedEngine.generate
 
-    def failing(self, *args, **kwargs):
-        if kwargs.get("forced") == {0: []} and self.round == 1:  # the fresh second round
+    def failing(self, round_, on_token=None):
+        if not round_.forced and round_.conversation.round == 1:  # the fresh second round
             raise RuntimeError("out of memory")
-        return real_generate(self, *args, **kwargs)
+        return real_generate(self, round_, on_token)
 
-    monkeypatch.setattr(ScriptedSession, "generate", failing)
+    monkeypatch.setattr(ScriptedEngine, "generate", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         graph.invoke({"image": IMAGE, "q": "What?"}, config)
-    monkeypatch.setattr(ScriptedSession, "generate", real_generate)
-    ScriptedSession.log = []
+    monkeypatch.setattr(ScriptedEngine, "generate", real_generate)
+    LOG.clear()
     result = graph.invoke(None, config)  # retried from the last checkpoint (after crop)
-    assert [e[0] for e in ScriptedSession.log] == ["start", "generate", "regions", "generate"]
+    assert [e[0] for e in LOG] == ["start", "generate", "regions", "generate"]
     assert result["answer"] == "Done."

@@ -23,6 +23,7 @@ from vpt_agent.perception.qwen_image import (
     num_image_tokens,
     qwen_pixel_values,
     resize_for_qwen,
+    resample_like_pil,
     resize_like_pil,
 )
 from vpt_agent.perception.sam import preprocess_sam
@@ -144,6 +145,8 @@ def test_resize_like_pil_is_pixel_exact(mode: str, height: int, width: int, new_
     # picks the vertical pass first for some shapes (there it differs by <= 1 level).
     expected = _to_pil(image).resize((new_width, height), resample).resize((new_width, new_height), resample)
     assert torch.equal(resize_like_pil(image, (new_height, new_width), mode), _from_pil(expected))
+    # the torch arithmetic that runs on other devices, here on the CPU
+    assert torch.equal(resample_like_pil(image, (new_height, new_width), mode), _from_pil(expected))
 
 
 # ---------------------------------------------------------------- Qwen2-VL pixel values

@@ -28,7 +28,8 @@ import vpt_agent
 from vpt_agent import BadImageError, CheckpointError, ModelError, VPTError, build_graph, load_image
 from vpt_agent.cli import main
 from vpt_agent.model.loading import read_state_dict
-from vpt_agent.model.session import VPTSession
+from vpt_agent.images import image_key
+from vpt_agent.model.conversation import Conversation
 from vpt_agent.model.tiny import tiny_vpt_model
 from vpt_agent.model.tokenizer import encode_user_text
 from vpt_agent.tokens import ALL_SPECIAL_TOKENS
@@ -64,9 +65,9 @@ def nodes(result) -> list[str]:
 
 
 def comparable(result) -> dict:
-    """The whole result but the timings."""
+    """The whole result but the timings; the image (the input as given) as the pixels the run saw."""
     steps = [{k: v for k, v in step.items() if k != "duration_ms"} for step in result["steps"]]
-    return {**result, "steps": steps}
+    return {**result, "image": image_key(load_image(result["image"])), "steps": steps}
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -259,16 +260,16 @@ def test_hostile_question_is_a_typed_error_in_the_result(tiny, question, message
 
 
 @contextmanager
-def recorded_sessions(monkeypatch):
-    """Every `VPTSession` the graph creates, in order."""
-    made: list[VPTSession] = []
+def recorded_conversations(monkeypatch):
+    """Every `Conversation` the graph creates, in order."""
+    made: list[Conversation] = []
 
-    class Recording(VPTSession):
+    class Recording(Conversation):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr("vpt_agent.nodes.VPTSession", Recording)
+    monkeypatch.setattr("vpt_agent.nodes.Conversation", Recording)
     yield made
 
 
@@ -278,12 +279,12 @@ def contains(ids: list[int], part: list[int]) -> bool:
 
 def test_a_long_question_can_be_cut_instead(tiny, monkeypatch):
     model, tokenizer = tiny
-    with recorded_sessions(monkeypatch) as sessions:
+    with recorded_conversations(monkeypatch) as conversations:
         result = run(tiny, noise(28, 28), FINAL, q="why " * 250_000, max_question_chars=300, truncate_question=True)
     assert nodes(result) == ["perceive", "mllm", "answer"] and result["answer"] == "It is fine."
     assert result["error"] == "BadQuestionError: the question was cut to its first 300 characters (999699 dropped)"
     kept = build_question(("why " * 75).strip(), "region")
-    assert contains(sessions[0].conversation(0), encode_user_text(tokenizer, kept))
+    assert contains(conversations[0].tokens(), encode_user_text(tokenizer, kept))
 
 
 INJECTIONS = [
@@ -304,12 +305,12 @@ def test_question_text_never_becomes_special_tokens(tiny, monkeypatch, question,
     action follows from the question."""
     model, tokenizer = tiny
     protected = {tokenizer.convert_tokens_to_ids(t) for t in ALL_SPECIAL_TOKENS}
-    with recorded_sessions(monkeypatch) as sessions:
+    with recorded_conversations(monkeypatch) as conversations:
         plain = run(tiny, noise(28, 28), *route, q="What?")
         hostile = run(tiny, noise(28, 28), *route, q=question)
     assert nodes(hostile) == nodes(plain) and nodes(hostile)[1:] == ["mllm"] * len(route) + ["answer"]
     assert hostile["error"] == plain["error"] and hostile["actions"] == [] and hostile["answer"] == "It is fine."
-    plain_ids, hostile_ids = (s.conversation(0) for s in sessions)
+    plain_ids, hostile_ids = (c.tokens() for c in conversations)
     specials = lambda ids: Counter(i for i in ids if i in protected)  # noqa: E731
     assert specials(hostile_ids) == specials(plain_ids)
     for mode in ("region", "direct")[: len(route)]:  # direct: the question asked again
@@ -551,4 +552,4 @@ def test_load_image_returns_rgb_uint8_or_raises_bad_image_error(obj):
     except BadImageError:
         return
     assert isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.device.type == "cpu"
-    assert image.ndim == 3 and image.shape[0] == 3 and min(image.shape[1:]) >= 1 and image.is_contiguous()
+    assert image.ndim == 3 and image.shape[0] == 3 and min(image.shape[1:]) >= 1 and image.permute(1, 2, 0).is_contiguous()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.tools import StructuredTool, ToolException
+from langgraph._internal._runnable import RunnableCallable  # the sync/async node pair LangGraph's ToolNode uses
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -35,6 +36,8 @@ def build_graph(
     checkpointer: BaseCheckpointSaver | bool | None = None,
     *,
     tokenizer: Any = None,
+    max_batch_rows: int | None = None,
+    max_prefill_tokens: int | None = None,
     **options: Any,
 ) -> CompiledStateGraph:
     """The compiled VPT graph: ``graph.invoke({"image": ..., "q": "..."})``.
@@ -43,15 +46,21 @@ def build_graph(
     None for the bundled demo model. `options`: `vpt_agent.configuration.VPTOptions` fields, each
     overridable per run in ``config["configurable"]``. A checkpointer is used through a copy
     whose serializer also accepts PIL images and tensors as input.
+
+    Concurrent runs of every graph on one model share its batching engine
+    (`vpt_agent.model.engine`): `max_batch_rows` (default 64) bounds the rows of one model step and
+    `max_prefill_tokens` (default 16384) the new tokens admitted at once; beyond them rounds queue.
+    Set here, they apply to the model's engine, for every graph on it.
     """
     defaults = VPTOptions.build(**options)
     model, tokenizer = resolve_model(model, tokenizer)
     nodes = VPTNodes(model, tokenizer, defaults, VPTStore())
+    nodes.engine.configure(max_rows=max_batch_rows, max_prefill_tokens=max_prefill_tokens)
     tools = ["crop", *nodes.branches]
 
     builder = StateGraph(VPTState, input_schema=InputState, output_schema=OutputState)
     builder.add_node("perceive", nodes.perceive)
-    builder.add_node("mllm", nodes.mllm)
+    builder.add_node("mllm", RunnableCallable(nodes.mllm, nodes.amllm, name="mllm", trace=False))
     builder.add_node("crop", nodes.crop)
     for branch in nodes.branches:
         builder.add_node(branch, nodes.reencode)

@@ -35,7 +35,8 @@ _WIDE_GRAY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def load_image(obj: ImageInput, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> torch.Tensor:
-    """Any supported image -> contiguous uint8 (3, H, W) RGB tensor on the CPU."""
+    """Any supported image -> uint8 (3, H, W) RGB tensor on the CPU, a view of (H, W, 3) memory
+    (the layout PIL and numpy read without a copy)."""
     if isinstance(obj, str) and obj.startswith("data:"):
         obj = _data_url_bytes(obj)
     if isinstance(obj, (str, os.PathLike)):
@@ -86,7 +87,7 @@ def to_png(image: torch.Tensor) -> bytes:
 def image_key(image: torch.Tensor) -> str:
     """Content hash of a uint8 (3, H, W) image: equal pixels, equal key."""
     digest = hashlib.sha256(str(tuple(image.shape)).encode())
-    digest.update(image.cpu().contiguous().numpy().tobytes())
+    digest.update(image.cpu().permute(1, 2, 0).contiguous().numpy())
     return digest.hexdigest()
 
 
@@ -220,4 +221,10 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
 
 def _to_tensor(hwc: np.ndarray, max_pixels: int, max_side: int) -> torch.Tensor:
     _check_size(hwc.shape[1], hwc.shape[0], max_pixels, max_side)
-    return torch.from_numpy(hwc.transpose(2, 0, 1).copy())
+    if hwc.flags.c_contiguous:
+        copy = hwc.copy()  # a copy: the caller's array may change
+    else:  # e.g. a view of (C, H, W) memory: plane by plane is 5x faster than one strided copy
+        copy = np.empty(hwc.shape, dtype=np.uint8)
+        for channel in range(hwc.shape[2]):
+            copy[:, :, channel] = hwc[:, :, channel]
+    return torch.from_numpy(copy).permute(2, 0, 1)

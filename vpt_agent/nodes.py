@@ -1,13 +1,18 @@
 """The graph's nodes: perceive, mllm, the perception tools (crop; dino / sam / clip) and answer.
 
 The state holds only serializable values; every node finds its tensors in the `VPTStore` under
-the state's ``run_id`` and rebuilds whatever is missing from the state (the image from its PNG
-bytes, the KV cache by replaying the recorded turns with forced tokens, tool outputs by running
-the tool again). A run therefore resumes from any checkpoint, in any process.
+the state's ``run_id`` and rebuilds whatever is missing from the state (the image from the input,
+the conversation's KV cache by replaying the recorded turns with forced tokens, tool outputs by
+running the tool again). A run therefore resumes from any checkpoint, in any process.
+
+`mllm` hands its round to the model's batching engine (`vpt_agent.model.engine`), so the rounds
+of concurrent runs (threads, `batch`, asyncio tasks, several graphs on one model) share model steps.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import time
 import uuid
 from collections.abc import Callable
@@ -30,22 +35,38 @@ from .errors import (
     PerceptionLimitError,
     VPTError,
 )
-from .images import image_key, load_image, to_png, validate_question
-from .model.session import Turn, VPTSession
+from .images import image_key, load_image, validate_question
+from .model.batch import Round
+from .model.conversation import Conversation, Turn
+from .model.engine import engine_for
 from .perception.crop import crops
 from .perception.reencode import branch_features
-from .state import StepRecord, VPTState
-from .store import Event, RunCache, VPTStore
-from .tokens import ACTION_STARTS, BRANCHES, ParsedOutput, parse_actions
 from .prompts import build_question
+from .state import StepRecord, VPTState
+from .store import RunCache, VPTStore
+from .tokens import ACTION_STARTS, BRANCHES, ParsedOutput, parse_actions
 
-
-REASK: dict[str, Any] = {"kind": "reask"}
-Node = TypeVar("Node", bound=Callable[..., dict[str, Any]])
+Node = TypeVar("Node", bound=Callable[..., Any])
 
 
 def _typed_failures(node: Node) -> Node:
     """Re-raise an unexpected failure of a node (torch, PIL, ...) as `ModelError`, cause kept."""
+
+    def typed(exc: Exception) -> ModelError:
+        return ModelError(f"node {node.__name__!r} failed: {type(exc).__name__}: {exc}")
+
+    if inspect.iscoroutinefunction(node):
+
+        @functools.wraps(node)
+        async def arun(self: VPTNodes, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
+            try:
+                return await node(self, state, config)
+            except (VPTError, GraphBubbleUp):
+                raise
+            except Exception as exc:
+                raise typed(exc) from exc
+
+        return arun  # type: ignore[return-value]
 
     @functools.wraps(node)
     def run(self: VPTNodes, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
@@ -54,7 +75,7 @@ def _typed_failures(node: Node) -> Node:
         except (VPTError, GraphBubbleUp):
             raise
         except Exception as exc:
-            raise ModelError(f"node {node.__name__!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise typed(exc) from exc
 
     return run  # type: ignore[return-value]
 
@@ -65,7 +86,7 @@ class VPTNodes:
     def __init__(self, model: Any, tokenizer: Any, options: VPTOptions, store: VPTStore) -> None:
         self.model, self.tokenizer, self.options, self.store = model, tokenizer, options, store
         self.branches: tuple[str, ...] = tuple(model.config.branches)
-        self.device = next(model.parameters()).device
+        self.engine = engine_for(model)
         self.action_starts: tuple[int, ...] = tuple(tokenizer.convert_tokens_to_ids(list(ACTION_STARTS)))
         """Never generated in direct mode: the model answers from the global view."""
 
@@ -73,10 +94,11 @@ class VPTNodes:
     def perceive(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
         """Validate and normalize the input, store the image, start a fresh run."""
         start, opts = time.perf_counter(), self.options.merged(config)
-        reset = {name: Overwrite([]) for name in ("turns", "actions", "followups", "regions")}
-        reset["pending"] = None
+        reset = {name: Overwrite([]) for name in ("turns", "actions", "user_turns", "regions")}
+        reset["next_action"] = None
         try:
-            image = load_image(state.get("image"), max_pixels=opts.max_pixels, max_side=opts.max_side)
+            with self.engine.preparing():
+                image = load_image(state.get("image"), max_pixels=opts.max_pixels, max_side=opts.max_side)
             question = validate_question(
                 state.get("q"), max_chars=opts.max_question_chars, truncate=opts.truncate_question
             )
@@ -90,10 +112,9 @@ class VPTNodes:
             cut = _describe(BadQuestionError(message))
         run_id, key = uuid.uuid4().hex, image_key(image)
         run = self.store.run(run_id)
-        run.image, run.image_key = image.to(self.device), key
+        run.image, run.image_key = image, key
         return {
             **reset,
-            "image": to_png(image),
             "run_id": run_id,
             "image_key": key,
             "image_size": [image.shape[2], image.shape[1]],
@@ -105,53 +126,57 @@ class VPTNodes:
 
     @_typed_failures
     def mllm(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
-        """Generate one round on the run's KV cache and decide whether a tool runs next."""
+        """Generate one round on the run's conversation and decide whether a tool runs next."""
         start, opts = time.perf_counter(), self.options.merged(config)
-        round_index = len(state["turns"])
-        forced = self._ids(opts.force[round_index]) if round_index < len(opts.force) else []
-        writer = get_stream_writer()
         run = self.store.run(state["run_id"])
+        writer = get_stream_writer()
         try:
-            turn = self._session(run, state, opts).generate(
-                len(forced) + opts.max_new_tokens, forced={0: forced}, on_text=lambda _row, chunk: writer(chunk)
-            )[0]
+            with self.engine.preparing():
+                round_ = self._next_round(run, state, opts)
+            turn = self.engine.generate(round_, on_token=self._streamed(writer))
         except BaseException:
-            run.session = None  # possibly half-advanced: the next attempt rebuilds it by replay
+            run.conversation = None  # possibly half-advanced: the next attempt rebuilds it by replay
             raise
-        run.fed.append(("turn", turn.token_ids))
-        size = tuple(state["image_size"])
-        parsed = parse_actions(turn.text, size, allowed_branches=set(self.branches))
-        pending, error = self._accept(parsed, turn, len(state["actions"]), opts)
-        record = _record("mllm", start, text=turn.text, action=parsed.model_dump(mode="json"), error=error)
-        update = {"turns": [turn.token_ids], "pending": pending, "steps": [record]}
-        reasked = any(f["kind"] == "reask" for f in state.get("followups", []))
-        if error is not None and turn.stop != "length" and not reasked:
-            # answer without the refused perception: ask the question again, once
-            update["pending"] = REASK
-            update["followups"] = [REASK]
-        return update
+        return self._after_round(run, state, opts, turn, start)
+
+    @_typed_failures
+    async def amllm(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
+        """`mllm` for asyncio: the round is awaited, not waited for in a thread."""
+        start, opts = time.perf_counter(), self.options.merged(config)
+        run = self.store.run(state["run_id"])
+        writer = get_stream_writer()
+        try:
+            with self.engine.preparing():
+                round_ = await asyncio.to_thread(self._next_round, run, state, opts)
+            turn = await self.engine.agenerate(round_, on_token=self._streamed(writer))
+        except BaseException:
+            run.conversation = None
+            raise
+        return self._after_round(run, state, opts, turn, start)
 
     @_typed_failures
     def crop(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
-        """Cut the selected regions out of the full-resolution image tensor (one user turn)."""
+        """Cut the selected regions out of the full-resolution image (one user turn)."""
         start, opts = time.perf_counter(), self.options.merged(config)
-        action = state["pending"]
+        action = state["next_action"]
         run = self.store.run(state["run_id"])
-        run.outputs[len(state["actions"])] = self._tool_output(action, self._image(run, state, opts))
+        with self.engine.preparing():
+            run.outputs[action["id"]] = self._tool_output(action, self._image(run, state, opts))
         boxes = [list(region["box"]) for region in action["regions"]]
         record = _record("crop", start, boxes=boxes)
-        return {"actions": [action], "followups": [action], "regions": boxes, "pending": None, "steps": [record]}
+        return {"actions": [_public(action)], "user_turns": [action], "regions": boxes, "next_action": None,
+                "steps": [record]}
 
     @_typed_failures
     def reencode(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
         """Run the requested branch encoder (dino, sam or clip) on the full-resolution image."""
         start, opts = time.perf_counter(), self.options.merged(config)
-        action = state["pending"]
+        action = state["next_action"]
         run = self.store.run(state["run_id"])
-        features = self._tool_output(action, self._image(run, state, opts))
-        run.outputs[len(state["actions"])] = features
+        with self.engine.preparing():
+            features = run.outputs[action["id"]] = self._tool_output(action, self._image(run, state, opts))
         record = _record(action["reencode"]["branch"], start, feature_shape=list(features.shape))
-        return {"actions": [action], "followups": [action], "pending": None, "steps": [record]}
+        return {"actions": [_public(action)], "user_turns": [action], "next_action": None, "steps": [record]}
 
     def answer(self, state: VPTState) -> dict[str, Any]:
         """The last round's text without special tokens; free the run's tensors. The run's error is
@@ -169,19 +194,76 @@ class VPTNodes:
 
     @staticmethod
     def route(state: VPTState) -> str:
-        """The node for the pending action: crop, a branch name, mllm (re-ask), or answer."""
-        pending = state.get("pending")
-        if pending is None:
+        """The node for the next action: crop, a branch name, mllm (re-ask), or answer."""
+        action = state.get("next_action")
+        if action is None:
             return "answer"
-        if pending["kind"] == "reask":
+        if action["kind"] == "reask":
             return "mllm"
-        return "crop" if pending["kind"] == "region" else pending["reencode"]["branch"]
+        return "crop" if action["kind"] == "region" else action["reencode"]["branch"]
 
     # --------------------------------------------------------------------------- internals
+    def _next_round(self, run: RunCache, state: VPTState, opts: VPTOptions) -> Round:
+        """The round `mllm` generates: on the run's conversation, fed up to it."""
+        conversation = self._conversation(run, state, opts)
+        index = len(state["turns"])
+        forced = self._ids(opts.force[index]) if index < len(opts.force) else []
+        suppress = self.action_starts if opts.mode == "direct" else ()
+        return Round(conversation, len(forced) + opts.max_new_tokens, forced=forced, suppress=suppress)
+
+    def _conversation(self, run: RunCache, state: VPTState, opts: VPTOptions) -> Conversation:
+        """The run's conversation, fed every turn of the state: the live one goes on if it consumed
+        exactly the state's rounds and all but its newest user turn; otherwise (a new process, an
+        evicted or failed run, a resume from an earlier checkpoint) a new one replays them all."""
+        turns, user_turns = state["turns"], state["user_turns"]
+        ids = [user_turn["id"] for user_turn in user_turns]
+        if run.conversation is None or run.turns != turns or run.user_turns != ids[:-1]:
+            run.conversation = Conversation(self.model, self.tokenizer, system_prompt=opts.system_prompt)
+            run.conversation.start(self._image(run, state, opts), state["prompt"])
+            run.turns, run.user_turns = [], []
+        for i, (turn, user_turn) in enumerate(zip(turns, user_turns)):
+            if i >= len(run.turns):
+                self.engine.generate(Round(run.conversation, len(turn), forced=turn))
+                run.turns.append(turn)
+            if i >= len(run.user_turns):
+                self._feed(run, state, opts, user_turn)
+                run.user_turns.append(user_turn["id"])
+        return run.conversation
+
+    def _feed(self, run: RunCache, state: VPTState, opts: VPTOptions, user_turn: dict[str, Any]) -> None:
+        """Add a user turn to the run's conversation: the question again, or a tool's output
+        (computed again if the store lost it)."""
+        if user_turn["kind"] == "reask":
+            run.conversation.add_text(build_question(state["q"], "direct"))
+            return
+        output = run.outputs.pop(user_turn["id"], None)
+        if output is None:
+            output = self._tool_output(user_turn, self._image(run, state, opts))
+        if user_turn["kind"] == "region":
+            run.conversation.add_regions(output)
+        else:
+            run.conversation.add_reencode(user_turn["reencode"]["branch"], output)
+
+    def _after_round(
+        self, run: RunCache, state: VPTState, opts: VPTOptions, turn: Turn, start: float
+    ) -> dict[str, Any]:
+        """The state update of a round: its tokens, its step record, the next action."""
+        run.turns.append(turn.token_ids)
+        parsed = parse_actions(turn.text, tuple(state["image_size"]), allowed_branches=set(self.branches))
+        action, error = self._accept(parsed, turn, len(state["actions"]), opts)
+        record = _record("mllm", start, text=turn.text, action=parsed.model_dump(mode="json"), error=error)
+        update = {"turns": [turn.token_ids], "next_action": action, "steps": [record]}
+        reasked = any(user_turn["kind"] == "reask" for user_turn in state["user_turns"])
+        if error is not None and turn.stop != "length" and not reasked:
+            # answer without the refused perception: ask the question again, once
+            reask = {"kind": "reask", "id": uuid.uuid4().hex}
+            update["next_action"], update["user_turns"] = reask, [reask]
+        return update
+
     def _accept(
         self, parsed: ParsedOutput, turn: Turn, steps_done: int, opts: VPTOptions
     ) -> tuple[dict[str, Any] | None, str | None]:
-        """(the action to carry out, or None; the reason a request is refused, or None)."""
+        """(the action to carry out, with a new id, or None; the reason a request is refused, or None)."""
         if parsed.kind == "error":
             return None, _describe(parsed.exception())
         if parsed.kind not in ("region", "reencode"):
@@ -202,38 +284,8 @@ class VPTNodes:
                 f"{spec.action_start} is not followed by {spec.action}: no state to condition the features on"
             )
         else:
-            return parsed.model_dump(mode="json"), None
+            return {"id": uuid.uuid4().hex, **parsed.model_dump(mode="json")}, None
         return None, _describe(refusal)
-
-    def _session(self, run: RunCache, state: VPTState, opts: VPTOptions) -> VPTSession:
-        """The run's session, brought in line with the state (rebuilt by replay if needed)."""
-        events: list[Event] = []
-        followups = state.get("followups", [])
-        for i, ids in enumerate(state["turns"]):
-            events.append(("turn", ids))
-            if i < len(followups):
-                events.append(("action", followups[i]))
-        if run.session is None or run.fed != events[: len(run.fed)]:
-            suppress = self.action_starts if opts.mode == "direct" else ()
-            run.session = VPTSession(self.model, self.tokenizer, system_prompt=opts.system_prompt, suppress=suppress)
-            run.session.start([self._image(run, state, opts)], [state["prompt"]])
-            run.fed = []
-        for kind, value in events[len(run.fed) :]:
-            if kind == "turn":
-                run.session.generate(len(value), forced={0: value})
-            elif value["kind"] == "reask":
-                run.session.add_text(0, build_question(state["q"], "direct"))
-            else:
-                index = sum(1 for k, v in run.fed if k == "action" and v["kind"] != "reask")
-                output = run.outputs.pop(index, None)
-                if output is None:
-                    output = self._tool_output(value, self._image(run, state, opts))
-                if value["kind"] == "region":
-                    run.session.add_regions(0, output)
-                else:
-                    run.session.add_reencode(0, value["reencode"]["branch"], output)
-            run.fed.append((kind, value))
-        return run.session
 
     def _tool_output(self, action: dict[str, Any], image: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
         """Crops of a region action, or raw features of a re-encoding action."""
@@ -242,16 +294,25 @@ class VPTNodes:
         return branch_features(self.model, action["reencode"]["branch"], image)
 
     def _image(self, run: RunCache, state: VPTState, opts: VPTOptions) -> torch.Tensor:
-        """The run's image on the model's device, decoded from the state's PNG if not cached."""
+        """The run's normalized image (CPU), decoded again from the state's input if not cached."""
         if run.image is None or run.image_key != state["image_key"]:
             image = load_image(state["image"], max_pixels=opts.max_pixels, max_side=opts.max_side)
             if image_key(image) != state["image_key"]:
                 raise InputMismatchError("the image in the state does not match its content hash")
-            run.image, run.image_key = image.to(self.device), state["image_key"]
+            run.image, run.image_key = image, state["image_key"]
         return run.image
+
+    def _streamed(self, writer: Callable[[str], None]) -> Callable[[int], None]:
+        """Each generated token's text to the graph's custom stream."""
+        return lambda token: writer(self.tokenizer.decode([token], skip_special_tokens=False))
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _public(action: dict[str, Any]) -> dict[str, Any]:
+    """An action as results show it: the parsed output, without the graph's id."""
+    return {key: value for key, value in action.items() if key != "id"}
 
 
 def _describe(exc: Exception | None) -> str | None:

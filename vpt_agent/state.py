@@ -45,7 +45,8 @@ class InputState(TypedDict):
 
 class OutputState(TypedDict, total=False):
     image: Any
-    """After `perceive`: PNG bytes of the normalized image (what resuming decodes)."""
+    """The input image as given (what a resumed run decodes again; a checkpointer stores PIL images
+    and tensors as PNG bytes)."""
     q: str
     answer: str
     actions: Appended
@@ -70,12 +71,13 @@ class VPTState(InputState, OutputState, total=False):
     """The question with the prompt mode's suffix, as the model reads it."""
     turns: Appended
     """Token ids the model generated, one list per round (replayed to rebuild the KV cache)."""
-    followups: Appended
-    """What followed each non-final round, in order: the perception action carried out (as in
-    `actions`) or {"kind": "reask"} (the question asked again after a refused request)."""
-    pending: dict[str, Any] | None
-    """The action the next node carries out ({"kind": "reask"} goes back to mllm); None routes
-    to the answer."""
+    user_turns: Appended
+    """The user turn that followed each non-final round: the perception action whose output it
+    showed (as in `actions`, plus its ``id``) or ``{"kind": "reask", "id": ...}`` (the question asked
+    again after a refused request). A tool node's output waits in the store under the action's id."""
+    next_action: dict[str, Any] | None
+    """What the next node carries out: an accepted action (with its ``id``), or a re-ask, which goes
+    back to mllm; None routes to the answer."""
 
 
 def result_json(result: Mapping[str, Any]) -> dict[str, Any]:

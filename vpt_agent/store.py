@@ -1,9 +1,11 @@
 """Tensors that cannot live in the graph state, kept per run beside the graph.
 
-Each run (one question, keyed by the state's ``run_id``) holds its image on the model's device
-(tagged with its content hash), the live `VPTSession` with its KV cache, the list of events that
-session has consumed, and tool outputs (crops, features) not yet fed to it. Everything here can
-be rebuilt from the state, so entries may be evicted at any time: the store is a bounded LRU.
+Each run (one question, keyed by the state's ``run_id``) holds its normalized image on the CPU
+(tagged with its content hash), its live `Conversation` with the KV cache between rounds, what that
+conversation consumed (the rounds it generated and the ids of the user turns it was fed), and the
+outputs of tool nodes (crops, features) under their action's id until the next round feeds them.
+Everything here can be rebuilt from the state, so entries may be evicted at any time: the store is
+a bounded LRU.
 """
 from __future__ import annotations
 
@@ -14,26 +16,26 @@ from typing import Any
 
 import torch
 
-from .model.session import VPTSession
-
-Event = tuple[str, Any]
-"""("turn", token ids) or ("action", parsed action JSON): what a session has consumed, in order."""
+from .model.conversation import Conversation
 
 
 @dataclass
 class RunCache:
     image: torch.Tensor | None = None
     image_key: str | None = None
-    session: VPTSession | None = None
-    fed: list[Event] = field(default_factory=list)
-    outputs: dict[int, Any] = field(default_factory=dict)
-    """Action index -> crops (list of tensors) or features (tensor), computed by a tool node."""
+    conversation: Conversation | None = None
+    turns: list[list[int]] = field(default_factory=list)
+    """The rounds `conversation` generated (or replayed), in order."""
+    user_turns: list[str] = field(default_factory=list)
+    """The ids of the user turns `conversation` was fed, in order."""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    """Action id -> crops (list of tensors) or features (tensor) from a tool node, not fed yet."""
 
 
 class VPTStore:
     """Bounded, thread-safe map run id -> `RunCache` (least recently used evicted first)."""
 
-    def __init__(self, max_runs: int = 32) -> None:
+    def __init__(self, max_runs: int = 256) -> None:
         self.max_runs = max_runs
         self._runs: OrderedDict[str, RunCache] = OrderedDict()
         self._lock = threading.Lock()

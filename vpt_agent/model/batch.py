@@ -30,7 +30,8 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import InputMismatchError, VPTError
-from .conversation import KV, Conversation, Segment, Stop, Turn
+from ..perception.qwen_image import qwen_patches
+from .conversation import KV, Conversation, Stop, Turn
 
 
 @dataclass(eq=False)
@@ -209,7 +210,8 @@ class Batch:
             n = len(segment.ids)
             ids[i, width - n :] = torch.tensor(segment.ids)
             positions[:, i, width - n :] = pos
-        images = [s.pixels for s in segments if s.pixels is not None]
+        images = [image for segment in segments for image in segment.images]  # row order, as the model scatters them
+        pixel_values, grid = qwen_patches(images) if images else (None, None)
         features: dict[str, list[torch.Tensor]] = {}
         conditions: dict[str, list[torch.Tensor]] = {}
         for segment in segments:  # row order, as the model scatters them
@@ -219,8 +221,8 @@ class Batch:
         self._forward(
             ids.to(self.device), positions.to(self.device),
             torch.stack([_left_pad_mask(len(s.ids), width) for s in segments]).to(self.device),
-            pixel_values=torch.cat([p for p, _ in images]).to(self.device) if images else None,
-            image_grid_thw=torch.cat([g for _, g in images]).to(self.device) if images else None,
+            pixel_values=pixel_values.to(self.device) if images else None,
+            image_grid_thw=grid.to(self.device) if images else None,
             features={b: torch.cat(v) for b, v in features.items()},
             conditions={b: torch.cat(v) for b, v in conditions.items()},
         )

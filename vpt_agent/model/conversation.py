@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from ..errors import InputMismatchError, VPTError
-from ..perception.qwen_image import num_image_tokens, qwen_pixel_values
+from ..perception.qwen_image import num_image_tokens, qwen_grid, qwen_resize
 from ..prompts import DEFAULT_SYSTEM, first_turn_ids, reencode_turn_ids, region_turn_ids, text_turn_ids
 from ..tokens import BRANCHES
 
@@ -42,8 +42,9 @@ class Segment:
     """Tokens a conversation feeds at once, with what replaces their embeddings."""
 
     ids: list[int]
-    pixels: tuple[torch.Tensor, torch.Tensor] | None = None
-    """(pixel rows, grid_thw) of the segment's images, in order."""
+    images: list[torch.Tensor] = field(default_factory=list)
+    """The segment's images, in order, resized for the encoder (`qwen_resize`): the batch patchifies
+    the images of all rows it prefills in one call."""
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     """Branch -> projected placeholder rows."""
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -108,15 +109,15 @@ class Conversation:
         """Round 1: one full-resolution uint8 (3, H, W) image and the question (with its prompt suffix)."""
         if self.ids or self.queued is not None:
             raise VPTError("this conversation has started already")
-        pixels = qwen_pixel_values([image], max_pixels=self.model.config.image_max_pixels)
-        ids = first_turn_ids(self.tokenizer, question, num_image_tokens(pixels[1][0]), self.system_prompt)
-        self.queued = Segment(ids, pixels=pixels)
+        resized = qwen_resize(image, max_pixels=self.model.config.image_max_pixels)
+        ids = first_turn_ids(self.tokenizer, question, num_image_tokens(qwen_grid(resized)), self.system_prompt)
+        self.queued = Segment(ids, images=[resized])
 
     def add_regions(self, crops: Sequence[torch.Tensor]) -> None:
         """Show uint8 (3, h, w) crops as the next user turn (reference format) and open the answer turn."""
-        pixels = qwen_pixel_values(list(crops), max_pixels=self.model.config.image_max_pixels)
-        tokens = [num_image_tokens(grid) for grid in pixels[1]]
-        self._queue(Segment(self._close_turn() + region_turn_ids(self.tokenizer, tokens), pixels=pixels))
+        resized = [qwen_resize(crop, max_pixels=self.model.config.image_max_pixels) for crop in crops]
+        tokens = [num_image_tokens(qwen_grid(image)) for image in resized]
+        self._queue(Segment(self._close_turn() + region_turn_ids(self.tokenizer, tokens), images=resized))
 
     def add_reencode(self, branch: str, features: torch.Tensor) -> None:
         """Inject raw encoder features (dino (256, d), sam (C, 64, 64), clip (n, hidden)), projected
@@ -165,7 +166,7 @@ class Conversation:
         """(3, n) M-RoPE ids of `segment` on the CPU, continuing this conversation, and the next text position."""
         config = self.model.config
         merge = config.vision_config.spatial_merge_size
-        grids = iter(segment.pixels[1] if segment.pixels is not None else ())
+        grids = (qwen_grid(image) for image in segment.images)
         parts, i, pos, ids = [], 0, self.next_pos, segment.ids
         while i < len(ids):
             j = i

@@ -4,9 +4,14 @@ Any thread (or asyncio task) hands a `Round` to the model's engine and waits for
 thread runs the model. Between two decode steps it admits the rounds that are waiting (up to
 `max_rows` rows in the batch and `max_prefill_tokens` new tokens per admission: beyond that they
 queue), prefills them in one forward and adds them to the batch; then every row takes one token
-and the rows that stop leave (`vpt_agent.model.batch` describes the KV cache layout). A lone round
-starts at once: there is no batching window. The thread starts with the first round and ends
-after `idle_seconds` without work, so an idle engine holds no thread and no tensors.
+and the rows that stop leave (`vpt_agent.model.batch` describes the KV cache layout).
+
+There is no batching window: a lone round starts at once. Callers announce the work that leads to a
+round (`preparing`: decoding an image, cropping, encoding); an idle engine that gets a round while
+others are being prepared waits for them (at most `gather_seconds`), so that questions started
+together are prefilled together instead of the first alone while the others queue behind it. The
+thread starts with the first round and ends after `idle_seconds` without work, so an idle engine
+holds no thread and no tensors.
 
 A round whose prefill fails is retried alone, so it fails alone; a failed decode step is retried
 the same way. A waiter that is cancelled (an asyncio task, an exception in its thread) marks its
@@ -18,9 +23,11 @@ import asyncio
 import os
 import queue
 import threading
+import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,9 +43,17 @@ Event = tuple[str, Any]
 class Engine:
     """The batching engine of one model; get it with `engine_for(model)`."""
 
-    def __init__(self, model, *, max_rows: int = 64, max_prefill_tokens: int = 16384, idle_seconds: float = 2.0):
+    def __init__(
+        self,
+        model,
+        *,
+        max_rows: int = 64,
+        max_prefill_tokens: int = 16384,
+        gather_seconds: float = 0.1,
+        idle_seconds: float = 2.0,
+    ):
         self._model = weakref.ref(model)
-        self.idle_seconds = idle_seconds
+        self.gather_seconds, self.idle_seconds = gather_seconds, idle_seconds
         self.configure(max_rows=max_rows, max_prefill_tokens=max_prefill_tokens)
         self._reset()
 
@@ -57,6 +72,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._batch: Batch | None = None
         self._senders: dict[int, Callable[[Event], None]] = {}
+        self._preparing = 0
 
     @property
     def rows(self) -> int:
@@ -65,6 +81,18 @@ class Engine:
         return len(batch) if batch is not None else 0
 
     # ------------------------------------------------------------------------------- waiters
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Announce work that ends in a round (see the module docstring)."""
+        with self._cond:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify()
+
     def generate(self, round_: Round, on_token: Callable[[int], None] | None = None) -> Turn:
         """Run `round_` with whatever else is running and return its turn; `on_token` is called
         with each token in this thread. Raises the round's error."""
@@ -149,6 +177,12 @@ class Engine:
                     self._thread, self._batch = None, None
                     return None
                 del model
+            if not self.rows:  # idle: rounds being prepared start together with the waiting ones
+                deadline = time.monotonic() + self.gather_seconds
+                while self._preparing and len(self._waiting) < self.max_rows:
+                    if (left := deadline - time.monotonic()) <= 0:
+                        break
+                    self._cond.wait(left)
             if self._batch is None:
                 model = self._model()
                 if model is None:

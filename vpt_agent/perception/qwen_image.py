@@ -11,7 +11,9 @@ from functools import lru_cache
 from itertools import accumulate
 from typing import Literal
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
@@ -49,7 +51,8 @@ def resize_for_qwen(
     min_side: int = QWEN_MIN_SIDE,
     max_ratio: int = QWEN_MAX_RATIO,
 ) -> torch.Tensor:
-    """Regularize an image as the reference data pipeline does, on the image's device.
+    """Regularize an image as the reference data pipeline does, on the image's device (on the CPU
+    with numpy, whose gathers run without torch's thread pool).
 
     1. If the longer side exceeds ``max_side``, scale both sides by ``max_side / longer`` and
        truncate with ``int()``.
@@ -84,6 +87,9 @@ def resize_for_qwen(
         resize(width, width * max_ratio)
     if rows is None:
         return image
+    if image.device.type == "cpu":  # gathered into (H, W, C) memory, the layout PIL reads without a copy
+        hwc = np.take(np.take(image.permute(1, 2, 0).numpy(), rows.numpy(), axis=0), cols.numpy(), axis=1)
+        return torch.from_numpy(hwc).permute(2, 0, 1)
     return image.index_select(1, rows).index_select(2, cols)
 
 
@@ -148,17 +154,33 @@ def _pil_pass(image: torch.Tensor, n_out: int, mode: str) -> torch.Tensor:
 def resize_like_pil(
     image: torch.Tensor, size: tuple[int, int], mode: Literal["bilinear", "bicubic"]
 ) -> torch.Tensor:
-    """Resize a uint8 (3, H, W) image to ``size`` = (height, width) exactly as PIL does.
+    """Resize a uint8 (3, H, W) image to ``size`` = (height, width) exactly as Pillow <= 12 does.
 
-    Reproduces Pillow's 8-bit ``Image.resize`` with BILINEAR / BICUBIC: antialiasing support,
-    fixed-point weights and int32 sums, horizontal pass first, intermediate rounded to uint8, so
-    the result is bit-identical. Pillow <= 12 (the reference used 11.0)
-    always runs the horizontal pass first; Pillow 13 sometimes runs the vertical pass first when
-    both sides change, and then differs by at most one level on some pixels.
+    Pillow's 8-bit ``Image.resize`` with BILINEAR / BICUBIC: antialiasing support, fixed-point
+    weights and int32 sums, the horizontal pass first, the intermediate rounded to uint8. Pillow
+    <= 12 (the reference used 11.0) always runs the horizontal pass first; Pillow 13 sometimes runs
+    the vertical pass first when both sides change (then some pixels differ by one level), so the
+    passes are run one axis at a time: by Pillow itself on the CPU, by :func:`resample_like_pil`
+    (the same arithmetic in torch) on other devices.
     """
     check_image(image)
     if len(size) != 2 or min(size) < 1:
         raise BadImageError(f"cannot resize to {size!r}")
+    if image.device.type != "cpu":
+        return resample_like_pil(image, size, mode)
+    resample = Image.Resampling.BILINEAR if mode == "bilinear" else Image.Resampling.BICUBIC
+    out = Image.fromarray(image.permute(1, 2, 0).numpy())
+    if size[1] != out.width:
+        out = out.resize((size[1], out.height), resample)
+    if size[0] != out.height:
+        out = out.resize((out.width, size[0]), resample)
+    return torch.from_numpy(np.asarray(out).transpose(2, 0, 1).copy())
+
+
+def resample_like_pil(
+    image: torch.Tensor, size: tuple[int, int], mode: Literal["bilinear", "bicubic"]
+) -> torch.Tensor:
+    """:func:`resize_like_pil` in torch, on the image's device: bit-identical to Pillow's two passes."""
     height, width = image.shape[1:]
     out = image.to(torch.int32)
     if size[1] != width:
@@ -176,39 +198,49 @@ def _default_processor() -> Qwen2VLImageProcessor:
 def qwen_pixel_values(
     images: list[torch.Tensor], image_processor=None, *, max_pixels: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen2-VL ``pixel_values`` (P, 1176) and ``image_grid_thw`` (n, 3) for uint8 (3, H, W) images.
-
-    Each image goes through :func:`resize_for_qwen`, then Qwen2-VL's ``smart_resize`` (sides to
-    multiples of patch * merge = 28 within the processor's pixel budget) done as a PIL bicubic
-    resize (:func:`resize_like_pil`, as the reference's PIL-based processor did), then through
-    ``image_processor`` (default: transformers' ``Qwen2VLImageProcessor``) for rescaling,
-    OpenAI-CLIP normalization and patchifying (patch 14, temporal patch 2, 2x2 merge).
-    ``max_pixels`` (a model's ``config.image_max_pixels``) lowers the processor's pixel budget.
-    Results are on the images' device.
-    """
+    """Qwen2-VL ``pixel_values`` (P, 1176) and ``image_grid_thw`` (n, 3) for uint8 (3, H, W) images:
+    :func:`qwen_resize` each, then :func:`qwen_patches`. Results are on the images' device."""
     if not images:
         raise BadImageError("no images given")
     device = check_image(images[0]).device
+    if any(check_image(image).device != device for image in images):
+        raise BadImageError("all images must be on the same device")
+    return qwen_patches([qwen_resize(image, image_processor, max_pixels=max_pixels) for image in images],
+                        image_processor)
+
+
+def qwen_resize(image: torch.Tensor, image_processor=None, *, max_pixels: int | None = None) -> torch.Tensor:
+    """An image as the Qwen2-VL encoder takes it: :func:`resize_for_qwen`, then Qwen2-VL's
+    ``smart_resize`` (sides to multiples of patch * merge = 28 within the processor's pixel budget)
+    done as a PIL bicubic resize (:func:`resize_like_pil`, as the reference's PIL-based processor
+    did). ``max_pixels`` (a model's ``config.image_max_pixels``) lowers the processor's pixel budget
+    (default: transformers' ``Qwen2VLImageProcessor``)."""
     processor = image_processor if image_processor is not None else _default_processor()
-    budget = processor.size["longest_edge"] if max_pixels is None else max_pixels
-    resized = []
-    for image in images:
-        if check_image(image).device != device:
-            raise BadImageError("all images must be on the same device")
-        image = resize_for_qwen(image)
-        size = smart_resize(
-            image.shape[1],
-            image.shape[2],
-            factor=processor.patch_size * processor.merge_size,
-            min_pixels=processor.size["shortest_edge"],
-            max_pixels=budget,
-        )
-        resized.append(resize_like_pil(image, size, "bicubic"))
-    out = processor(
-        images=resized, do_resize=False, return_tensors="pt", input_data_format="channels_first"
+    image = resize_for_qwen(image)
+    size = smart_resize(
+        image.shape[1],
+        image.shape[2],
+        factor=processor.patch_size * processor.merge_size,
+        min_pixels=processor.size["shortest_edge"],
+        max_pixels=processor.size["longest_edge"] if max_pixels is None else max_pixels,
     )
-    pixel_values = out["pixel_values"].to(device=device, dtype=torch.float32)
-    return pixel_values, out["image_grid_thw"].to(device=device, dtype=torch.long)
+    return resize_like_pil(image, size, "bicubic")
+
+
+def qwen_patches(resized: list[torch.Tensor], image_processor=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pixel_values`` (P, 1176) float32 and ``image_grid_thw`` (n, 3) of :func:`qwen_resize` outputs:
+    ``image_processor``'s rescaling, OpenAI-CLIP normalization and patchifying (patch 14, temporal
+    patch 2, 2x2 merge), for all images in one call."""
+    processor = image_processor if image_processor is not None else _default_processor()
+    device = resized[0].device
+    out = processor(images=resized, do_resize=False, return_tensors="pt", input_data_format="channels_first")
+    return out["pixel_values"].to(device=device, dtype=torch.float32), out["image_grid_thw"].to(device, torch.long)
+
+
+def qwen_grid(resized: torch.Tensor, image_processor=None) -> torch.Tensor:
+    """(3,) ``image_grid_thw`` of one :func:`qwen_resize` output, without patchifying it."""
+    processor = image_processor if image_processor is not None else _default_processor()
+    return torch.tensor([1, resized.shape[1] // processor.patch_size, resized.shape[2] // processor.patch_size])
 
 
 def num_image_tokens(grid_thw: torch.Tensor) -> int:
