@@ -133,7 +133,7 @@ def test_stream_updates_and_text_chunks(tiny, image):
     events = list(graph.stream({"image": image, "q": Q}, stream_mode=["custom", "values"]))
     chunks = [data for mode, data in events if mode == "custom"]
     final = [data for mode, data in events if mode == "values"][-1]
-    assert all(isinstance(c, str) for c in chunks) and len(chunks) > 5
+    assert all(isinstance(c, str) for c in chunks) and len(chunks) >= 2  # text as it comes, in each round
     assert "".join(chunks) == "".join(s["text"] for s in final["steps"] if s["node"] == "mllm")
 
 

@@ -61,13 +61,18 @@ class ScriptedConversation:
 class ScriptedEngine:
     """Generates `script[i]` in round i of a conversation (after any forced ids) and logs each round."""
 
+    max_rows = 8
+
     def configure(self, **_) -> None:
         pass
 
     def preparing(self):
         return nullcontext()
 
-    def generate(self, round_, on_token=None) -> Turn:
+    def run(self, function, *args):
+        return function(*args)
+
+    def generate(self, round_, on_tokens=None) -> Turn:
         conversation, forced_ids = round_.conversation, list(round_.forced)
         script = ScriptedConversation.script
         text = script[conversation.round] if conversation.round < len(script) else "done" + END
@@ -76,14 +81,13 @@ class ScriptedEngine:
         ids = ids if stop is None else ids[: stop + 1]
         conversation.round += 1
         LOG.append(("generate", forced_ids, round_.max_new_tokens))
-        for token in ids:
-            if on_token is not None:
-                on_token(token)
+        if on_tokens is not None:
+            on_tokens(ids)
         decoded = TOKENIZER.decode(ids, skip_special_tokens=False)
         return Turn(ids, decoded, "length" if stop is None else ("eos" if decoded.endswith(END) else "action"))
 
-    async def agenerate(self, round_, on_token=None) -> Turn:
-        return self.generate(round_, on_token)
+    async def agenerate(self, round_, on_tokens=None) -> Turn:
+        return self.generate(round_, on_tokens)
 
 
 @pytest.fixture
@@ -340,10 +344,10 @@ def test_a_failed_round_is_retried_on_a_rebuilt_session(scripted, monkeypatch):
     graph = scripted([REGION + END, "Done." + END], checkpointer=saver)
     real_generate = ScriptedEngine.generate
 
-    def failing(self, round_, on_token=None):
+    def failing(self, round_, on_tokens=None):
         if not round_.forced and round_.conversation.round == 1:  # the fresh second round
             raise RuntimeError("out of memory")
-        return real_generate(self, round_, on_token)
+        return real_generate(self, round_, on_tokens)
 
     monkeypatch.setattr(ScriptedEngine, "generate", failing)
     with pytest.raises(RuntimeError, match="out of memory"):

@@ -39,7 +39,7 @@ def build_graph(
     max_batch_rows: int | None = None,
     max_prefill_tokens: int | None = None,
     **options: Any,
-) -> CompiledStateGraph:
+) -> VPTGraph:
     """The compiled VPT graph: ``graph.invoke({"image": ..., "q": "..."})``.
 
     `model`: a `VPTForConditionalGeneration` (pass its `tokenizer`), a checkpoint directory, or
@@ -75,7 +75,30 @@ def build_graph(
 
     if isinstance(checkpointer, BaseCheckpointSaver):
         checkpointer = with_image_serde(checkpointer)
-    return builder.compile(checkpointer=checkpointer, name="vpt")
+    compiled = builder.compile(checkpointer=checkpointer, name="vpt")
+    graph = VPTGraph(**{key: value for key, value in compiled.__dict__.items() if key != "__orig_class__"})
+    return graph.with_config(max_concurrency=nodes.engine.max_rows)
+
+
+class VPTGraph(CompiledStateGraph):
+    """The compiled VPT graph. `batch` keeps as many runs in flight as the model's engine decodes
+    together (`max_batch_rows` when the graph was built) unless the config sets ``max_concurrency``:
+    LangChain's default is Python's thread pool width (6 on a 2-core machine), and the engine can only
+    batch the runs in flight."""
+
+    def batch(self, inputs, config=None, *, return_exceptions=False, **kwargs):
+        return super().batch(inputs, self._in_flight(config, len(inputs)), return_exceptions=return_exceptions,
+                             **kwargs)
+
+    def batch_as_completed(self, inputs, config=None, *, return_exceptions=False, **kwargs):
+        yield from super().batch_as_completed(inputs, self._in_flight(config, len(inputs)),
+                                              return_exceptions=return_exceptions, **kwargs)
+
+    def _in_flight(self, config, count: int):
+        default = {"max_concurrency": (self.config or {}).get("max_concurrency")}
+        if isinstance(config, list) and len(config) == count:
+            return [{**default, **(c or {})} for c in config]
+        return {**default, **(config or {})}
 
 
 def resolve_model(model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:

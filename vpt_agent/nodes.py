@@ -133,7 +133,7 @@ class VPTNodes:
         try:
             with self.engine.preparing():
                 round_ = self._next_round(run, state, opts)
-            turn = self.engine.generate(round_, on_token=self._streamed(writer))
+            turn = self.engine.generate(round_, on_tokens=self._streamed(writer))
         except BaseException:
             run.conversation = None  # possibly half-advanced: the next attempt rebuilds it by replay
             raise
@@ -148,7 +148,7 @@ class VPTNodes:
         try:
             with self.engine.preparing():
                 round_ = await asyncio.to_thread(self._next_round, run, state, opts)
-            turn = await self.engine.agenerate(round_, on_token=self._streamed(writer))
+            turn = await self.engine.agenerate(round_, on_tokens=self._streamed(writer))
         except BaseException:
             run.conversation = None
             raise
@@ -291,7 +291,7 @@ class VPTNodes:
         """Crops of a region action, or raw features of a re-encoding action."""
         if action["kind"] == "region":
             return crops(image, [region["box"] for region in action["regions"]])
-        return branch_features(self.model, action["reencode"]["branch"], image)
+        return self.engine.run(branch_features, self.model, action["reencode"]["branch"], image)
 
     def _image(self, run: RunCache, state: VPTState, opts: VPTOptions) -> torch.Tensor:
         """The run's normalized image (CPU), decoded again from the state's input if not cached."""
@@ -302,9 +302,9 @@ class VPTNodes:
             run.image, run.image_key = image, state["image_key"]
         return run.image
 
-    def _streamed(self, writer: Callable[[str], None]) -> Callable[[int], None]:
-        """Each generated token's text to the graph's custom stream."""
-        return lambda token: writer(self.tokenizer.decode([token], skip_special_tokens=False))
+    def _streamed(self, writer: Callable[[str], None]) -> Callable[[list[int]], None]:
+        """The text of generated tokens to the graph's custom stream, as they come."""
+        return lambda tokens: writer(self.tokenizer.decode(tokens, skip_special_tokens=False))
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -30,7 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import InputMismatchError, VPTError
-from ..perception.qwen_image import qwen_patches
+from ..perception.qwen_image import qwen_pixel_values
 from .conversation import KV, Conversation, Stop, Turn
 
 
@@ -210,20 +210,27 @@ class Batch:
             n = len(segment.ids)
             ids[i, width - n :] = torch.tensor(segment.ids)
             positions[:, i, width - n :] = pos
-        images = [image for segment in segments for image in segment.images]  # row order, as the model scatters them
-        pixel_values, grid = qwen_patches(images) if images else (None, None)
-        features: dict[str, list[torch.Tensor]] = {}
+        # images, features and conditions in row order, as the model scatters them
+        images = [image for segment in segments for image in segment.images]
+        if images:
+            pixel_values, grid = qwen_pixel_values(images, max_pixels=self.model.config.image_max_pixels)
+            if not torch.equal(grid, torch.stack([g for c, s in zip(convs, segments) for g in c.grids(s)])):
+                raise VPTError("an image was encoded at another size than its conversation planned")
+        features: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         conditions: dict[str, list[torch.Tensor]] = {}
-        for segment in segments:  # row order, as the model scatters them
-            for target, source in ((features, segment.features), (conditions, segment.conditions)):
-                for branch, value in source.items():
-                    target.setdefault(branch, []).append(value)
+        for conv, segment in zip(convs, segments):
+            for branch, raw in segment.features.items():
+                raws, conds = features.setdefault(branch, ([], []))
+                raws.append(raw.to(self.device, self.dtype))
+                conds.append(conv.conditions[branch].to(self.device, self.dtype))
+            for branch, value in segment.conditions.items():
+                conditions.setdefault(branch, []).append(value)
         self._forward(
             ids.to(self.device), positions.to(self.device),
             torch.stack([_left_pad_mask(len(s.ids), width) for s in segments]).to(self.device),
             pixel_values=pixel_values.to(self.device) if images else None,
             image_grid_thw=grid.to(self.device) if images else None,
-            features={b: torch.cat(v) for b, v in features.items()},
+            features={b: self.model.project_branch(b, raws, torch.stack(conds)) for b, (raws, conds) in features.items()},
             conditions={b: torch.cat(v) for b, v in conditions.items()},
         )
         for conv, segment, (_, next_pos) in zip(convs, segments, placed):

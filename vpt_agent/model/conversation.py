@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from ..errors import InputMismatchError, VPTError
-from ..perception.qwen_image import num_image_tokens, qwen_grid, qwen_resize
+from ..perception.qwen_image import num_image_tokens, qwen_grid, qwen_size
 from ..prompts import DEFAULT_SYSTEM, first_turn_ids, reencode_turn_ids, region_turn_ids, text_turn_ids
 from ..tokens import BRANCHES
 
@@ -43,10 +43,11 @@ class Segment:
 
     ids: list[int]
     images: list[torch.Tensor] = field(default_factory=list)
-    """The segment's images, in order, resized for the encoder (`qwen_resize`): the batch patchifies
-    the images of all rows it prefills in one call."""
+    """The segment's uint8 (3, H, W) images, in order (the global image, or crops): the batch resizes
+    and encodes them (for all the rows it prefills at once)."""
     features: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Branch -> projected placeholder rows."""
+    """Branch -> raw encoder features: the batch projects them, conditioned on the conversation's
+    action of that branch."""
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
     """Branch -> (1, hidden) input embedding of the segment's action token."""
 
@@ -109,27 +110,22 @@ class Conversation:
         """Round 1: one full-resolution uint8 (3, H, W) image and the question (with its prompt suffix)."""
         if self.ids or self.queued is not None:
             raise VPTError("this conversation has started already")
-        resized = qwen_resize(image, max_pixels=self.model.config.image_max_pixels)
-        ids = first_turn_ids(self.tokenizer, question, num_image_tokens(qwen_grid(resized)), self.system_prompt)
-        self.queued = Segment(ids, images=[resized])
+        ids = first_turn_ids(self.tokenizer, question, num_image_tokens(self._grid(image)), self.system_prompt)
+        self.queued = Segment(ids, images=[image])
 
     def add_regions(self, crops: Sequence[torch.Tensor]) -> None:
         """Show uint8 (3, h, w) crops as the next user turn (reference format) and open the answer turn."""
-        resized = [qwen_resize(crop, max_pixels=self.model.config.image_max_pixels) for crop in crops]
-        tokens = [num_image_tokens(qwen_grid(image)) for image in resized]
-        self._queue(Segment(self._close_turn() + region_turn_ids(self.tokenizer, tokens), images=resized))
+        tokens = [num_image_tokens(self._grid(crop)) for crop in crops]
+        self._queue(Segment(self._close_turn() + region_turn_ids(self.tokenizer, tokens), images=list(crops)))
 
     def add_reencode(self, branch: str, features: torch.Tensor) -> None:
         """Inject raw encoder features (dino (256, d), sam (C, 64, 64), clip (n, hidden)), projected
         and conditioned on the hidden state of this conversation's action-start token."""
         if branch not in self.conditions:
             raise InputMismatchError(f"the conversation generated no {branch} action to condition the features on")
-        param = next(self.model.parameters())
-        cond = self.conditions[branch].to(param.device, param.dtype)
-        with torch.no_grad():
-            projected = self.model.project_branch(branch, [features.to(param.device, param.dtype)], cond[None])
-        ids = self._close_turn() + reencode_turn_ids(self.tokenizer, branch, projected.shape[0])
-        self._queue(Segment(ids, features={branch: projected}))
+        placeholders = BRANCHES[branch].fixed_placeholders or features.shape[0]  # clip: one per merged token
+        ids = self._close_turn() + reencode_turn_ids(self.tokenizer, branch, placeholders)
+        self._queue(Segment(ids, features={branch: features}))
 
     def add_text(self, text: str) -> None:
         """A plain user turn (user text: no special tokens) and a new assistant turn, e.g. to ask
@@ -166,7 +162,7 @@ class Conversation:
         """(3, n) M-RoPE ids of `segment` on the CPU, continuing this conversation, and the next text position."""
         config = self.model.config
         merge = config.vision_config.spatial_merge_size
-        grids = (qwen_grid(image) for image in segment.images)
+        grids = iter(self.grids(segment))
         parts, i, pos, ids = [], 0, self.next_pos, segment.ids
         while i < len(ids):
             j = i
@@ -192,6 +188,15 @@ class Conversation:
         self.next_pos = next_pos
         for branch, condition in segment.conditions.items():
             self.conditions[branch] = condition[0]
+
+    def grids(self, segment: Segment) -> list[torch.Tensor]:
+        """The (3,) Qwen2-VL grids the segment's images will have (its token ids are built for them)."""
+        return [self._grid(image) for image in segment.images]
+
+    def _grid(self, image: torch.Tensor) -> torch.Tensor:
+        """The (3,) Qwen2-VL grid `image` will have, from its size."""
+        size = qwen_size(image.shape[1], image.shape[2], max_pixels=self.model.config.image_max_pixels)
+        return qwen_grid(size)
 
     def _queue(self, segment: Segment) -> None:
         if not self.ids:

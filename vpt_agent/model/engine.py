@@ -3,32 +3,36 @@
 Any thread (or asyncio task) hands a `Round` to the model's engine and waits for it; one engine
 thread runs the model. Between two decode steps it admits the rounds that are waiting (up to
 `max_rows` rows in the batch and `max_prefill_tokens` new tokens per admission: beyond that they
-queue), prefills them in one forward and adds them to the batch; then every row takes one token
-and the rows that stop leave (`vpt_agent.model.batch` describes the KV cache layout).
+queue), prefills them in one forward (their images resized and encoded together) and adds them to
+the batch; then every row takes one token and the rows that stop leave (`vpt_agent.model.batch`
+describes the KV cache layout). Other work on the model (`run`: a branch encoder for a tool node)
+runs in the same thread between steps, so that only one thread computes with torch's thread pool.
 
 There is no batching window: a lone round starts at once. Callers announce the work that leads to a
-round (`preparing`: decoding an image, cropping, encoding); an idle engine that gets a round while
-others are being prepared waits for them (at most `gather_seconds`), so that questions started
-together are prefilled together instead of the first alone while the others queue behind it. The
-thread starts with the first round and ends after `idle_seconds` without work, so an idle engine
-holds no thread and no tensors.
+round (`preparing`: decoding an image, cropping); an idle engine that gets a round while others are
+being prepared waits for them (at most `gather_seconds`), so that questions started together are
+prefilled together instead of the first alone while the others queue behind it. The thread starts
+with the first request and ends after `idle_seconds` without work, so an idle engine holds no
+thread and no tensors.
 
-A round whose prefill fails is retried alone, so it fails alone; a failed decode step is retried
-the same way. A waiter that is cancelled (an asyncio task, an exception in its thread) marks its
-round, and the engine drops the row before its next step.
+A waiter wakes when its round ends, and to hand the tokens generated so far to its `on_tokens`
+every `flush_seconds` (not at every token: with many rows that would wake every waiter at every
+step). A round whose prefill fails is retried alone, so it fails alone; a failed decode step is
+retried the same way. A waiter that is cancelled (an asyncio task, an exception in its thread)
+marks its round, and the engine drops the row before its next step.
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
-import queue
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -36,8 +40,19 @@ from ..errors import ConfigError, VPTError
 from .batch import Batch, Round
 from .conversation import Turn
 
-Event = tuple[str, Any]
-"""("token", id), ("done", None) or ("error", exception), sent to a round's waiter."""
+T = TypeVar("T")
+Tokens = Callable[[Sequence[int]], None]
+"""Receives the tokens a round generated since the last call."""
+
+
+class _Job:
+    """A function to run in the engine thread, and its outcome."""
+
+    def __init__(self, function: Callable[..., Any], args: tuple) -> None:
+        self.function, self.args = function, args
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
 class Engine:
@@ -50,10 +65,11 @@ class Engine:
         max_rows: int = 64,
         max_prefill_tokens: int = 16384,
         gather_seconds: float = 0.1,
+        flush_seconds: float = 0.05,
         idle_seconds: float = 2.0,
     ):
         self._model = weakref.ref(model)
-        self.gather_seconds, self.idle_seconds = gather_seconds, idle_seconds
+        self.gather_seconds, self.flush_seconds, self.idle_seconds = gather_seconds, flush_seconds, idle_seconds
         self.configure(max_rows=max_rows, max_prefill_tokens=max_prefill_tokens)
         self._reset()
 
@@ -66,12 +82,22 @@ class Engine:
                     raise ConfigError(f"{name} must be a positive int, got {value!r}")
                 setattr(self, name, value)
 
+    def close(self) -> None:
+        """End the engine thread once the work in hand is done (later work starts it again)."""
+        with self._cond:
+            thread, self._closing = self._thread, True
+            self._cond.notify()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
     def _reset(self) -> None:
+        self._closing = False
         self._cond = threading.Condition()
         self._waiting: deque[Round] = deque()
+        self._jobs: deque[_Job] = deque()
         self._thread: threading.Thread | None = None
         self._batch: Batch | None = None
-        self._senders: dict[int, Callable[[Event], None]] = {}
+        self._waiters: dict[int, Callable[[], None]] = {}
         self._preparing = 0
 
     @property
@@ -80,7 +106,7 @@ class Engine:
         batch = self._batch
         return len(batch) if batch is not None else 0
 
-    # ------------------------------------------------------------------------------- waiters
+    # ------------------------------------------------------------------------------- callers
     @contextmanager
     def preparing(self) -> Iterator[None]:
         """Announce work that ends in a round (see the module docstring)."""
@@ -93,65 +119,83 @@ class Engine:
                 self._preparing -= 1
                 self._cond.notify()
 
-    def generate(self, round_: Round, on_token: Callable[[int], None] | None = None) -> Turn:
-        """Run `round_` with whatever else is running and return its turn; `on_token` is called
-        with each token in this thread. Raises the round's error."""
-        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self._submit(round_, events.put, stream=on_token is not None)
+    def run(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in the engine thread, between two steps; its result or its exception."""
+        job = _Job(function, args)
+        with self._cond:
+            self._jobs.append(job)
+            self._wake()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def generate(self, round_: Round, on_tokens: Tokens | None = None) -> Turn:
+        """Run `round_` with whatever else is running and return its turn; `on_tokens` gets the
+        tokens as they come (in this thread). Raises the round's error."""
+        done = threading.Event()
+        self._submit(round_, done.set)
+        sent = 0
         try:
-            while True:
-                kind, value = events.get()
-                if kind == "token":
-                    on_token(value)
-                elif kind == "error":
-                    raise value
-                else:
-                    return round_.turn()
+            while not done.wait(self.flush_seconds if on_tokens is not None else None):
+                sent = _flush(round_, sent, on_tokens)
+            _flush(round_, sent, on_tokens)
+            return round_.turn()
         except BaseException:
             round_.cancelled = True
             raise
 
-    async def agenerate(self, round_: Round, on_token: Callable[[int], None] | None = None) -> Turn:
+    async def agenerate(self, round_: Round, on_tokens: Tokens | None = None) -> Turn:
         """`generate` for asyncio: awaits without holding a thread; cancelling the task cancels the round."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        done = asyncio.Event()
 
-        def send(event: Event) -> None:
+        def notify() -> None:
             try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                loop.call_soon_threadsafe(done.set)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 round_.cancelled = True
 
-        self._submit(round_, send, stream=on_token is not None)
+        self._submit(round_, notify)
+        sent = 0
         try:
             while True:
-                kind, value = await events.get()
-                if kind == "token":
-                    on_token(value)
-                elif kind == "error":
-                    raise value
-                else:
-                    return round_.turn()
+                try:
+                    await asyncio.wait_for(done.wait(), self.flush_seconds if on_tokens is not None else None)
+                    break
+                except TimeoutError:
+                    sent = _flush(round_, sent, on_tokens)
+            _flush(round_, sent, on_tokens)
+            return round_.turn()
         except BaseException:
             round_.cancelled = True
             raise
 
-    def _submit(self, round_: Round, send: Callable[[Event], None], stream: bool) -> None:
-        if stream:
-            round_.on_token = lambda token: send(("token", token))
+    def _submit(self, round_: Round, notify: Callable[[], None]) -> None:
         with self._cond:
-            self._senders[id(round_)] = send
+            self._waiters[id(round_)] = notify
             self._waiting.append(round_)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="vpt-engine", daemon=True)
-                self._thread.start()
-            self._cond.notify()
+            self._wake()
+
+    def _wake(self) -> None:
+        """With the lock held: work arrived."""
+        self._closing = False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vpt-engine", daemon=True)
+            self._thread.start()
+        self._cond.notify()
 
     # ---------------------------------------------------------------------------- the thread
     def _run(self) -> None:
         with torch.no_grad():
             while (work := self._next()) is not None:
-                batch, newcomers = work
+                batch, jobs, newcomers = work
+                for job in jobs:
+                    try:
+                        job.result = job.function(*job.args)
+                    except BaseException as exc:
+                        job.error = exc
+                    job.done.set()
                 try:
                     for round_ in batch.join(newcomers):
                         self._end(round_)
@@ -168,25 +212,27 @@ class Engine:
                     with self._cond:
                         self._batch = None
 
-    def _next(self) -> tuple[Batch, list[Round]] | None:
-        """Wait for work; the batch and the rounds to admit now, or None when the thread should end."""
+    def _next(self) -> tuple[Batch, list[_Job], list[Round]] | None:
+        """Wait for work; the batch, the jobs and the rounds to admit now, or None when the thread should end."""
         with self._cond:
-            while not self._waiting and not self.rows:
-                model = self._model()
-                if model is None or not self._cond.wait(self.idle_seconds) and not self._waiting:
+            while not self._waiting and not self._jobs and not self.rows:
+                if self._closing or not self._cond.wait(self.idle_seconds) and not self._waiting and not self._jobs:
                     self._thread, self._batch = None, None
                     return None
-                del model
-            if not self.rows:  # idle: rounds being prepared start together with the waiting ones
+            if not self.rows and not self._jobs:  # idle: rounds being prepared start with the waiting ones
                 deadline = time.monotonic() + self.gather_seconds
                 while self._preparing and len(self._waiting) < self.max_rows:
                     if (left := deadline - time.monotonic()) <= 0:
                         break
                     self._cond.wait(left)
+            jobs, self._jobs = list(self._jobs), deque()
             if self._batch is None:
                 model = self._model()
                 if model is None:
                     self._fail_waiting(VPTError("the model of this engine was deleted"))
+                    for job in jobs:
+                        job.error = VPTError("the model of this engine was deleted")
+                        job.done.set()
                     self._thread = None
                     return None
                 self._batch = Batch(model)
@@ -194,32 +240,40 @@ class Engine:
             while self._waiting and len(self._batch) + len(newcomers) < self.max_rows:
                 round_ = self._waiting[0]
                 if round_.cancelled:
-                    self._senders.pop(id(self._waiting.popleft()), None)
+                    self._waiters.pop(id(self._waiting.popleft()), None)
                     continue
                 size = _prefill_size(round_)
                 if newcomers and tokens + size > self.max_prefill_tokens:
                     break
                 newcomers.append(self._waiting.popleft())
                 tokens += size
-            return self._batch, newcomers
+            return self._batch, jobs, newcomers
 
     def _end(self, round_: Round) -> None:
-        """Tell the round's waiter that it stopped or failed."""
-        send = self._forget(round_)
-        if send is not None:
-            send(("error", round_.error) if round_.error is not None else ("done", None))
+        """Wake the round's waiter: it stopped or failed."""
+        notify = self._forget(round_)
+        if notify is not None:
+            notify()
 
-    def _forget(self, round_: Round) -> Callable[[Event], None] | None:
+    def _forget(self, round_: Round) -> Callable[[], None] | None:
         with self._cond:
-            return self._senders.pop(id(round_), None)
+            return self._waiters.pop(id(round_), None)
 
     def _fail_waiting(self, error: BaseException) -> None:
         while self._waiting:
             round_ = self._waiting.popleft()
             round_.error = error
-            send = self._senders.pop(id(round_), None)
-            if send is not None:
-                send(("error", error))
+            notify = self._waiters.pop(id(round_), None)
+            if notify is not None:
+                notify()
+
+
+def _flush(round_: Round, sent: int, on_tokens: Tokens | None) -> int:
+    """Hand the round's new tokens to `on_tokens`; how many it has had."""
+    tokens = round_.tokens[sent:]
+    if tokens and on_tokens is not None:
+        on_tokens(tokens)
+    return sent + len(tokens)
 
 
 def _prefill_size(round_: Round) -> int:
@@ -238,6 +292,13 @@ def engine_for(model) -> Engine:
         if engine is None:
             engine = _ENGINES[model] = Engine(model)
         return engine
+
+
+@atexit.register
+def _close_all() -> None:
+    """Engine threads end before the interpreter does (a daemon thread stopped inside torch aborts it)."""
+    for engine in list(_ENGINES.values()):
+        engine.close()
 
 
 def _after_fork() -> None:

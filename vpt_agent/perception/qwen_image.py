@@ -7,7 +7,9 @@ processor sees it. :func:`resize_for_qwen` reproduces that rule on tensors, pixe
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache, partial
 from itertools import accumulate
 from typing import Literal
 
@@ -66,31 +68,40 @@ def resize_for_qwen(
     check_image(image)
     height, width = image.shape[1:]
     rows = cols = None
-
-    def resize(new_width: int, new_height: int) -> None:
-        nonlocal rows, cols, width, height
+    for new_width, new_height in _regularizing_steps(height, width, max_side, min_side, max_ratio):
         if rows is None:
             rows = torch.arange(height, device=image.device)
             cols = torch.arange(width, device=image.device)
         rows = rows[_nearest_index(height, new_height, image.device)]
         cols = cols[_nearest_index(width, new_width, image.device)]
         width, height = new_width, new_height
-
-    if max(width, height) > max_side:
-        factor = max_side / max(width, height)
-        resize(max(1, int(width * factor)), max(1, int(height * factor)))
-    if min(width, height) < min_side:
-        resize(max(width, min_side), max(height, min_side))
-    if width / height > _RATIO_LIMIT:
-        resize(height * max_ratio, height)
-    if height / width > _RATIO_LIMIT:
-        resize(width, width * max_ratio)
     if rows is None:
         return image
     if image.device.type == "cpu":  # gathered into (H, W, C) memory, the layout PIL reads without a copy
         hwc = np.take(np.take(image.permute(1, 2, 0).numpy(), rows.numpy(), axis=0), cols.numpy(), axis=1)
         return torch.from_numpy(hwc).permute(2, 0, 1)
     return image.index_select(1, rows).index_select(2, cols)
+
+
+def _regularizing_steps(
+    height: int, width: int, max_side: int = QWEN_MAX_SIDE, min_side: int = QWEN_MIN_SIDE,
+    max_ratio: int = QWEN_MAX_RATIO,
+) -> list[tuple[int, int]]:
+    """The (width, height) after each NEAREST resize of :func:`resize_for_qwen`, from the sizes alone."""
+    steps = []
+    if max(width, height) > max_side:
+        factor = max_side / max(width, height)
+        steps.append((max(1, int(width * factor)), max(1, int(height * factor))))
+        width, height = steps[-1]
+    if min(width, height) < min_side:
+        steps.append((max(width, min_side), max(height, min_side)))
+        width, height = steps[-1]
+    if width / height > _RATIO_LIMIT:
+        steps.append((height * max_ratio, height))
+        width, height = steps[-1]
+    if height / width > _RATIO_LIMIT:
+        steps.append((width, width * max_ratio))
+    return steps
 
 
 _PRECISION_BITS = 22  # PIL's fixed-point precision for 8-bit resampling
@@ -205,26 +216,38 @@ def qwen_pixel_values(
     device = check_image(images[0]).device
     if any(check_image(image).device != device for image in images):
         raise BadImageError("all images must be on the same device")
-    return qwen_patches([qwen_resize(image, image_processor, max_pixels=max_pixels) for image in images],
-                        image_processor)
+    resize = partial(qwen_resize, image_processor=image_processor, max_pixels=max_pixels)
+    many_on_cpu = len(images) > 1 and device.type == "cpu"  # Pillow resamples without the GIL: use every core
+    return qwen_patches(list((_resizers().map if many_on_cpu else map)(resize, images)), image_processor)
+
+
+@lru_cache(maxsize=1)
+def _resizers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="vpt-resize")
 
 
 def qwen_resize(image: torch.Tensor, image_processor=None, *, max_pixels: int | None = None) -> torch.Tensor:
-    """An image as the Qwen2-VL encoder takes it: :func:`resize_for_qwen`, then Qwen2-VL's
-    ``smart_resize`` (sides to multiples of patch * merge = 28 within the processor's pixel budget)
-    done as a PIL bicubic resize (:func:`resize_like_pil`, as the reference's PIL-based processor
-    did). ``max_pixels`` (a model's ``config.image_max_pixels``) lowers the processor's pixel budget
-    (default: transformers' ``Qwen2VLImageProcessor``)."""
+    """An image as the Qwen2-VL encoder takes it: :func:`resize_for_qwen`, then to :func:`qwen_size`
+    as a PIL bicubic resize (:func:`resize_like_pil`, as the reference's PIL-based processor did)."""
+    size = qwen_size(image.shape[1], image.shape[2], image_processor, max_pixels=max_pixels)
+    return resize_like_pil(resize_for_qwen(image), size, "bicubic")
+
+
+def qwen_size(height: int, width: int, image_processor=None, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) of :func:`qwen_resize`'s output for a height x width image, from the sizes alone:
+    the regularized size, then Qwen2-VL's ``smart_resize`` (sides to multiples of patch * merge = 28
+    within the processor's pixel budget). ``max_pixels`` (a model's ``config.image_max_pixels``)
+    lowers the budget of ``image_processor`` (default: transformers' ``Qwen2VLImageProcessor``)."""
     processor = image_processor if image_processor is not None else _default_processor()
-    image = resize_for_qwen(image)
-    size = smart_resize(
-        image.shape[1],
-        image.shape[2],
+    for width, height in _regularizing_steps(height, width):
+        pass
+    return smart_resize(
+        height,
+        width,
         factor=processor.patch_size * processor.merge_size,
         min_pixels=processor.size["shortest_edge"],
         max_pixels=processor.size["longest_edge"] if max_pixels is None else max_pixels,
     )
-    return resize_like_pil(image, size, "bicubic")
 
 
 def qwen_patches(resized: list[torch.Tensor], image_processor=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,10 +260,10 @@ def qwen_patches(resized: list[torch.Tensor], image_processor=None) -> tuple[tor
     return out["pixel_values"].to(device=device, dtype=torch.float32), out["image_grid_thw"].to(device, torch.long)
 
 
-def qwen_grid(resized: torch.Tensor, image_processor=None) -> torch.Tensor:
-    """(3,) ``image_grid_thw`` of one :func:`qwen_resize` output, without patchifying it."""
+def qwen_grid(size: tuple[int, int], image_processor=None) -> torch.Tensor:
+    """(3,) ``image_grid_thw`` of an image of :func:`qwen_size` ``size``."""
     processor = image_processor if image_processor is not None else _default_processor()
-    return torch.tensor([1, resized.shape[1] // processor.patch_size, resized.shape[2] // processor.patch_size])
+    return torch.tensor([1, size[0] // processor.patch_size, size[1] // processor.patch_size])
 
 
 def num_image_tokens(grid_thw: torch.Tensor) -> int:
