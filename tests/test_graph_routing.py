@@ -69,8 +69,8 @@ class ScriptedEngine:
     def preparing(self):
         return nullcontext()
 
-    def run(self, function, *args):
-        return function(*args)
+    def encode(self, branch, image):
+        return torch.zeros(FEATURES[branch])
 
     def generate(self, round_, on_tokens=None) -> Turn:
         conversation, forced_ids = round_.conversation, list(round_.forced)
@@ -102,7 +102,6 @@ def scripted(monkeypatch):
 
     monkeypatch.setattr("vpt_agent.nodes.Conversation", ScriptedConversation)
     monkeypatch.setattr("vpt_agent.nodes.engine_for", lambda model: ScriptedEngine())
-    monkeypatch.setattr("vpt_agent.nodes.branch_features", lambda model, branch, image: torch.zeros(FEATURES[branch]))
     monkeypatch.setattr(graph_module, "VPTStore", RecordingStore)
     LOG.clear()
 

@@ -104,10 +104,10 @@ def test_the_error_family_is_exported():
 
 
 def test_a_torch_failure_inside_a_node_is_a_model_error(tiny, monkeypatch):
-    def out_of_memory(model, branch, image):
+    def out_of_memory(model, branch, images):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("vpt_agent.nodes.branch_features", out_of_memory)
+    monkeypatch.setattr("vpt_agent.model.engine.branch_features", out_of_memory)
     with pytest.raises(ModelError, match="node 'reencode' failed: RuntimeError: CUDA out of memory") as err:
         run(tiny, noise(28, 28), DINO, FINAL)
     assert isinstance(err.value.__cause__, RuntimeError)

@@ -45,7 +45,7 @@ def second_round(session, tokenizer, model, row, img, route):
         session.add_regions(row, crops)
         pv, grid = qwen_pixel_values([img, *crops])
         return dict(pixel_values=pv, image_grid_thw=grid)
-    session.add_reencode(row, route, branch_features(model, route, img))
+    session.add_reencode(row, route, branch_features(model, route, [img])[0])
     pv, grid = qwen_pixel_values([img])
     return dict(pixel_values=pv, image_grid_thw=grid, **branch_inputs(route, img))
 
@@ -139,7 +139,7 @@ def test_bad_session_inputs(tiny):
         session.add_reencode(0, "dino", torch.zeros(256, 32))
     dino_only, tok = tiny_vpt_model(branches=("dino",))
     with pytest.raises(MissingBranchError):
-        branch_features(dino_only, "sam", image(40, 40, 0))
+        branch_features(dino_only, "sam", [image(40, 40, 0)])
 
 
 def test_generation_cut_by_max_new_tokens_continues(tiny):

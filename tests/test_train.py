@@ -77,7 +77,7 @@ def test_conversation_equals_the_session_layout(tiny, item, mode):
         session.generate(len(answer), forced={0: answer})
     elif mode == "reencode":
         session.generate(3, forced={0: ids(tokenizer, BRANCHES["dino"].action_text)})
-        session.add_reencode(0, "dino", branch_features(model, "dino", item.image))
+        session.add_reencode(0, "dino", branch_features(model, "dino", [item.image])[0])
         session.generate(len(answer), forced={0: answer})
     else:  # region, and free on fine_detail
         turn = session.generate(24, forced={0: ids(tokenizer, region_text(item.cells) + IM_END)})[0]

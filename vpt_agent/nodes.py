@@ -40,7 +40,6 @@ from .model.batch import Round
 from .model.conversation import Conversation, Turn
 from .model.engine import engine_for
 from .perception.crop import crops
-from .perception.reencode import branch_features
 from .prompts import build_question
 from .state import StepRecord, VPTState
 from .store import RunCache, VPTStore
@@ -291,7 +290,7 @@ class VPTNodes:
         """Crops of a region action, or raw features of a re-encoding action."""
         if action["kind"] == "region":
             return crops(image, [region["box"] for region in action["regions"]])
-        return self.engine.run(branch_features, self.model, action["reencode"]["branch"], image)
+        return self.engine.encode(action["reencode"]["branch"], image)
 
     def _image(self, run: RunCache, state: VPTState, opts: VPTOptions) -> torch.Tensor:
         """The run's normalized image (CPU), decoded again from the state's input if not cached."""

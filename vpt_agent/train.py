@@ -237,7 +237,7 @@ def answer_in_session(model, tokenizer, items: list[Item], mode: PromptMode) -> 
             hits[row] = item.box is not None and any(_contains(box, item.box) for box in boxes)
             session.add_regions(row, crops(image, boxes))
         elif parsed.kind == "reencode" and (spec := parsed.reencode.spec).action_start + spec.action in first[row].text:
-            session.add_reencode(row, spec.name, branch_features(model, spec.name, image))
+            session.add_reencode(row, spec.name, branch_features(model, spec.name, [image])[0])
         else:
             session.finish(row)
     final.update(session.generate(8))

@@ -5,8 +5,9 @@ thread runs the model. Between two decode steps it admits the rounds that are wa
 `max_rows` rows in the batch and `max_prefill_tokens` new tokens per admission: beyond that they
 queue), prefills them in one forward (their images resized and encoded together) and adds them to
 the batch; then every row takes one token and the rows that stop leave (`vpt_agent.model.batch`
-describes the KV cache layout). Other work on the model (`run`: a branch encoder for a tool node)
-runs in the same thread between steps, so that only one thread computes with torch's thread pool.
+describes the KV cache layout). Other work on the model runs in that thread too, between steps, so
+that one thread computes with torch's thread pool: `encode` computes a branch encoder's features
+for a tool node, the images waiting for one branch in one encoder call.
 
 There is no batching window: a lone round starts at once. Callers announce the work that leads to a
 round (`preparing`: decoding an image, cropping); an idle engine that gets a round while others are
@@ -32,26 +33,26 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError, VPTError
+from ..perception.reencode import branch_features
 from .batch import Batch, Round
 from .conversation import Turn
 
-T = TypeVar("T")
 Tokens = Callable[[Sequence[int]], None]
 """Receives the tokens a round generated since the last call."""
 
 
 class _Job:
-    """A function to run in the engine thread, and its outcome."""
+    """An image to encode with a branch encoder in the engine thread, and the outcome."""
 
-    def __init__(self, function: Callable[..., Any], args: tuple) -> None:
-        self.function, self.args = function, args
+    def __init__(self, branch: str, image: torch.Tensor) -> None:
+        self.branch, self.image = branch, image
         self.done = threading.Event()
-        self.result: Any = None
+        self.result: torch.Tensor | None = None
         self.error: BaseException | None = None
 
 
@@ -119,9 +120,10 @@ class Engine:
                 self._preparing -= 1
                 self._cond.notify()
 
-    def run(self, function: Callable[..., T], *args: Any) -> T:
-        """`function(*args)` in the engine thread, between two steps; its result or its exception."""
-        job = _Job(function, args)
+    def encode(self, branch: str, image: torch.Tensor) -> torch.Tensor:
+        """Raw `branch` features of a uint8 (3, H, W) image (`branch_features`), computed in the
+        engine thread between two steps, in one encoder call with the other images waiting for it."""
+        job = _Job(branch, image)
         with self._cond:
             self._jobs.append(job)
             self._wake()
@@ -190,12 +192,7 @@ class Engine:
         with torch.no_grad():
             while (work := self._next()) is not None:
                 batch, jobs, newcomers = work
-                for job in jobs:
-                    try:
-                        job.result = job.function(*job.args)
-                    except BaseException as exc:
-                        job.error = exc
-                    job.done.set()
+                _encode(batch.model, jobs)
                 try:
                     for round_ in batch.join(newcomers):
                         self._end(round_)
@@ -221,7 +218,7 @@ class Engine:
                     return None
             if not self.rows and not self._jobs:  # idle: rounds being prepared start with the waiting ones
                 deadline = time.monotonic() + self.gather_seconds
-                while self._preparing and len(self._waiting) < self.max_rows:
+                while self._preparing and not self._jobs and len(self._waiting) < self.max_rows:
                     if (left := deadline - time.monotonic()) <= 0:
                         break
                     self._cond.wait(left)
@@ -266,6 +263,25 @@ class Engine:
             notify = self._waiters.pop(id(round_), None)
             if notify is not None:
                 notify()
+
+
+def _encode(model, jobs: list[_Job]) -> None:
+    """Each branch's images in one encoder call; if that fails, one by one (a bad image fails alone)."""
+    groups: dict[str, list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.branch, []).append(job)
+    for branch, group in groups.items():
+        try:
+            for job, features in zip(group, branch_features(model, branch, [job.image for job in group])):
+                job.result = features
+        except BaseException as exc:
+            if len(group) > 1:
+                for job in group:
+                    _encode(model, [job])
+                continue
+            group[0].error = exc
+        for job in group:
+            job.done.set()
 
 
 def _flush(round_: Round, sent: int, on_tokens: Tokens | None) -> int:

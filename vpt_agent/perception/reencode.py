@@ -1,5 +1,7 @@
-"""Re-encoding tools: run one branch encoder on a full-resolution image, with its preprocessing."""
+"""Re-encoding tools: run one branch encoder on full-resolution images, with its preprocessing."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -20,13 +22,14 @@ def branch_inputs(branch: str, image: torch.Tensor, max_pixels: int | None = Non
 
 
 @torch.no_grad()
-def branch_features(model, branch: str, image: torch.Tensor) -> torch.Tensor:
-    """Raw features of `branch` for a uint8 (3,H,W) image on the model's device:
-    dino (256, d), sam (C, 64, 64), clip (t*h*w/4, hidden) from the model's own ViT."""
+def branch_features(model, branch: str, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Raw features of `branch` for uint8 (3,H,W) images, on the model's device, from one encoder
+    call: dino (256, d), sam (C, 64, 64), clip (t*h*w/4, hidden) from the model's own ViT, each."""
     model.projector(branch)  # a clear MissingBranchError before any work
     param = next(model.parameters())
-    inputs = branch_inputs(branch, image.to(param.device), model.config.image_max_pixels)
-    images, *grid = (v.to(param.device) for v in inputs.values())
-    if images.is_floating_point():
-        images = images.to(param.dtype)
-    return model.encode_branch(branch, images, *grid)[0]
+    images = [image.to(param.device) for image in images]
+    if branch == "clip":
+        pixel_values, grid = qwen_pixel_values(images, max_pixels=model.config.image_max_pixels)
+        return model.encode_branch(branch, pixel_values.to(param.dtype), grid)
+    preprocess = preprocess_dino if branch == "dino" else preprocess_sam
+    return model.encode_branch(branch, torch.stack([preprocess(image) for image in images]).to(param.dtype))
