@@ -49,9 +49,13 @@ Node = TypeVar("Node", bound=Callable[..., Any])
 
 
 def _typed_failures(node: Node) -> Node:
-    """Re-raise an unexpected failure of a node (torch, PIL, ...) as `ModelError`, cause kept."""
+    """A failed node frees its run's tensors (a retry rebuilds them from the state) and re-raises an
+    unexpected failure (torch, PIL, ...) as `ModelError`, cause kept."""
 
-    def typed(exc: Exception) -> ModelError:
+    def failed(self: VPTNodes, state: VPTState, exc: Exception) -> VPTError:
+        self.store.drop(state["run_id"])
+        if isinstance(exc, VPTError):
+            return exc
         return ModelError(f"node {node.__name__!r} failed: {type(exc).__name__}: {exc}")
 
     if inspect.iscoroutinefunction(node):
@@ -60,10 +64,10 @@ def _typed_failures(node: Node) -> Node:
         async def arun(self: VPTNodes, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
             try:
                 return await node(self, state, config)
-            except (VPTError, GraphBubbleUp):
+            except GraphBubbleUp:
                 raise
             except Exception as exc:
-                raise typed(exc) from exc
+                raise failed(self, state, exc) from exc
 
         return arun  # type: ignore[return-value]
 
@@ -71,10 +75,10 @@ def _typed_failures(node: Node) -> Node:
     def run(self: VPTNodes, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
         try:
             return node(self, state, config)
-        except (VPTError, GraphBubbleUp):
+        except GraphBubbleUp:
             raise
         except Exception as exc:
-            raise typed(exc) from exc
+            raise failed(self, state, exc) from exc
 
     return run  # type: ignore[return-value]
 

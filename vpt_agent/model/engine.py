@@ -191,23 +191,27 @@ class Engine:
     def _run(self) -> None:
         with torch.no_grad():
             while (work := self._next()) is not None:
-                batch, jobs, newcomers = work
-                _encode(batch.model, jobs)
-                try:
-                    for round_ in batch.join(newcomers):
-                        self._end(round_)
-                    cancelled = [r for r in batch.rounds if r.cancelled]
-                    batch.drop(cancelled)
-                    for round_ in cancelled:
-                        self._forget(round_)
-                    for round_ in batch.step():
-                        self._end(round_)
-                except BaseException as exc:  # a fault outside any forward: fail what is running, go on
-                    for round_ in [*batch.rounds, *(r for r in newcomers if r.stop is None and r.error is None)]:
-                        round_.error = round_.error or exc
-                        self._end(round_)
-                    with self._cond:
-                        self._batch = None
+                self._serve(*work)
+                del work  # nothing of a finished round stays referenced while the thread waits
+
+    def _serve(self, batch: Batch, jobs: list[_Job], newcomers: list[Round]) -> None:
+        """One turn of the thread: encode, admit, step."""
+        _encode(batch.model, jobs)
+        try:
+            for round_ in batch.join(newcomers):
+                self._end(round_)
+            cancelled = [r for r in batch.rounds if r.cancelled]
+            batch.drop(cancelled)
+            for round_ in cancelled:
+                self._forget(round_)
+            for round_ in batch.step():
+                self._end(round_)
+        except BaseException as exc:  # a fault outside any forward: fail what is running, go on
+            for round_ in [*batch.rounds, *(r for r in newcomers if r.stop is None and r.error is None)]:
+                round_.error = round_.error or exc
+                self._end(round_)
+            with self._cond:
+                self._batch = None
 
     def _next(self) -> tuple[Batch, list[_Job], list[Round]] | None:
         """Wait for work; the batch, the jobs and the rounds to admit now, or None when the thread should end."""
