@@ -74,6 +74,19 @@ def one_rank(checkpoint, dataset, tmp_path_factory):
     return out
 
 
+def test_questions_at_once_give_the_predictions_of_one_at_a_time(checkpoint, dataset, one_rank, tmp_path):
+    """--batch-size 16 (questions batched on the model) against 1, every route's rounds mixed."""
+    for batch_size in (16, 1):
+        spec = EvalSpec(model=str(checkpoint), max_new_tokens=6, batch_size=batch_size)
+        evaluate(dataset, tmp_path / str(batch_size), spec=spec, modes=["region", "reencode", "free", "direct"],
+                 limit=22, progress=False)
+    lines = _lines(tmp_path / "16")
+    assert len(lines) == 4 * 22 and lines == _lines(tmp_path / "1")
+    spec = EvalSpec(model=str(checkpoint), max_new_tokens=6, batch_size=16, options={"force": (REGION,)})
+    evaluate(dataset, tmp_path / "forced", spec=spec, modes=["region"], limit=22, progress=False)
+    assert _lines(tmp_path / "forced") == _lines(one_rank)  # batch size 5 there
+
+
 def test_two_workers_give_the_predictions_of_one(checkpoint, dataset, one_rank, tmp_path):
     spec = EvalSpec(model=str(checkpoint), max_new_tokens=6, batch_size=5, options={"force": (REGION,)})
     summary = evaluate(dataset, tmp_path, spec=spec, modes=["region"], limit=22, workers=2, progress=False)

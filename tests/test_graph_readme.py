@@ -50,12 +50,16 @@ def _run(code: str) -> tuple[dict, str]:
 
 
 def test_readme_python_examples(photo_dir):
-    assert len(PYTHON) == 5
-    invoke, stream, checkpoint, resume, compose = PYTHON
+    assert len(PYTHON) == 6
+    invoke, at_once, stream, checkpoint, resume, compose = PYTHON
 
     ns, printed = _run(invoke)
     assert isinstance(ns["result"]["answer"], str) and printed.splitlines()[0] == _first_answer(ns)
     assert (photo_dir / "trace.png").stat().st_size > 1000
+
+    ns, printed = _run(at_once)
+    alone = [ns["graph"].invoke({"image": "photo.png", "q": q})["answer"] for q in ns["questions"]]
+    assert printed.splitlines() == alone
 
     _, printed = _run(stream)
     assert printed.startswith("['perceive']\n['mllm']\n")

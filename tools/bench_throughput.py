@@ -12,6 +12,9 @@ the p50 / p95 latency of a question (its start to its answer), and peak memory (
 of the process, or GPU memory allocated). The answers of every mode must equal those of one at a
 time, or the run fails.
 
+`--modes ...,session` adds the upper bound of batching the questions: all of them as the rows of one
+synchronous `VPTSession`, without the graph (region route only).
+
 Routes: `region` asks fine-detail questions in region mode (the paper's effect); `mixed` cycles
 through region (fine detail), re-encoding (counting), free (existence) and direct (spatial) on
 the demo model. On `--arch 2b` (random weights, which ask for nothing by themselves) the routes
@@ -33,9 +36,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_session import build  # noqa: E402  (the same random Qwen2-VL-2B-shaped model)
 
-from vpt_agent import build_graph  # noqa: E402
+from vpt_agent import build_graph, load_image  # noqa: E402
 from vpt_agent.data.synthetic import FAMILIES, make_item  # noqa: E402
 from vpt_agent.model.demo import default_model  # noqa: E402
+from vpt_agent.model.session import VPTSession  # noqa: E402
+from vpt_agent.perception.crop import crops  # noqa: E402
+from vpt_agent.prompts import build_question  # noqa: E402
+from vpt_agent.tokens import parse_actions  # noqa: E402
 
 SEED = 1000
 """The held-out stream of the synthetic benchmark (the demo model trained on streams 0 and 1)."""
@@ -105,7 +112,30 @@ def tasks(graph, runs):
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-MODES = {"one at a time": one_at_a_time, "graph.batch": batch, "threads": threads, "ainvoke": tasks}
+def session(graph, runs):
+    """The upper bound of batching these questions: all rows in one synchronous `VPTSession` (one
+    prefill, decoding together, the crops, one more prefill), no graph and no threads. Region mode
+    with the graph's default options only."""
+    nodes = graph.nodes["mllm"].bound.func.__self__
+    model, tokenizer = nodes.model, nodes.tokenizer
+    start = time.perf_counter()
+    images = [load_image(inputs["image"]) for inputs, _ in runs]
+    rows = VPTSession(model, tokenizer)
+    rows.start(images, [build_question(inputs["q"], "region") for inputs, _ in runs])
+    first = rows.generate(nodes.options.max_new_tokens)
+    for i, image in enumerate(images):
+        parsed = parse_actions(first[i].text, (image.shape[2], image.shape[1]))
+        if parsed.kind == "region":
+            rows.add_regions(i, crops(image, [region.box for region in parsed.regions]))
+        else:
+            rows.finish(i)
+    second = rows.generate(nodes.options.max_new_tokens)
+    answers = [tokenizer.decode((second.get(i) or first[i]).token_ids, skip_special_tokens=True).strip()
+               for i in range(len(runs))]
+    return [{"answer": answer} for answer in answers], [time.perf_counter() - start] * len(runs)
+
+
+MODES = {"one at a time": one_at_a_time, "graph.batch": batch, "threads": threads, "ainvoke": tasks, "session": session}
 
 
 class PeakMemory:
@@ -142,7 +172,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--image", type=int, default=504, help="--arch 2b: square image side in pixels")
     parser.add_argument("--answer-tokens", type=int, default=32, help="--arch 2b: tokens per round")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from: " + ", ".join(MODES))
+    parser.add_argument("--modes", default="one at a time,graph.batch,threads,ainvoke",
+                        help="comma-separated, from: " + ", ".join(MODES) + " (session: --routes region only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -171,7 +202,7 @@ def main() -> None:
             walls[mode].append(time.perf_counter() - start)
             peaks[mode].append(memory.read())
             latencies[mode] += seconds
-            answers = [(r["answer"], r["error"], [s["node"] for s in r["steps"]]) for r in results]
+            answers = [r["answer"] for r in results]
             expected = expected or answers
             if answers != expected:
                 sys.exit(f"{mode}: answers differ from the first mode's")

@@ -32,8 +32,9 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--metric", choices=sorted(METRICS),
                         help="score (default by the dataset's name: DocVQA/DUDE anls, POPE yesno, "
                              "*VQA/GQA vqa, else exact)")
-    parser.add_argument("--batch-size", type=_positive, default=8, metavar="N",
-                        help="items a rank takes at once; their lines are written together (default 8)")
+    parser.add_argument("--batch-size", type=_positive, default=16, metavar="N",
+                        help="questions a rank runs at once, batched on its model; their lines are written "
+                             "together (default 16)")
     parser.add_argument("--limit", type=_positive, metavar="N", help="only the first N items")
     parser.add_argument("--workers", type=_positive, default=1, metavar="N",
                         help="ranks on this machine: processes spread over its GPUs, if any (default 1)")

@@ -302,6 +302,9 @@ def _prefill_size(round_: Round) -> int:
 
 
 _ENGINES: weakref.WeakKeyDictionary[Any, Engine] = weakref.WeakKeyDictionary()
+"""Model -> its engine."""
+_ALL: weakref.WeakSet[Engine] = weakref.WeakSet()
+"""Every engine alive, also one whose model is gone while its thread runs on."""
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -311,13 +314,14 @@ def engine_for(model) -> Engine:
         engine = _ENGINES.get(model)
         if engine is None:
             engine = _ENGINES[model] = Engine(model)
+            _ALL.add(engine)
         return engine
 
 
 @atexit.register
 def _close_all() -> None:
     """Engine threads end before the interpreter does (a daemon thread stopped inside torch aborts it)."""
-    for engine in list(_ENGINES.values()):
+    for engine in list(_ALL):
         engine.close()
 
 
@@ -325,7 +329,7 @@ def _after_fork() -> None:
     """A forked child has none of its parent's threads: its engines start empty."""
     global _ENGINES_LOCK
     _ENGINES_LOCK = threading.Lock()
-    for engine in list(_ENGINES.values()):
+    for engine in list(_ALL):
         engine._reset()
 
 
