@@ -52,10 +52,11 @@ def _typed_failures(node: Node) -> Node:
     """A failed node frees its run's tensors (a retry rebuilds them from the state) and re-raises an
     unexpected failure (torch, PIL, ...) as `ModelError`, cause kept."""
 
-    def failed(self: VPTNodes, state: VPTState, exc: Exception) -> VPTError:
+    def failed(self: VPTNodes, state: VPTState, exc: Exception) -> ModelError | None:
+        """Free the run; the ModelError to raise for `exc`, or None to re-raise it (a VPTError)."""
         self.store.drop(state["run_id"])
         if isinstance(exc, VPTError):
-            return exc
+            return None
         return ModelError(f"node {node.__name__!r} failed: {type(exc).__name__}: {exc}")
 
     if inspect.iscoroutinefunction(node):
@@ -67,7 +68,9 @@ def _typed_failures(node: Node) -> Node:
             except GraphBubbleUp:
                 raise
             except Exception as exc:
-                raise failed(self, state, exc) from exc
+                if (error := failed(self, state, exc)) is None:
+                    raise
+                raise error from exc
 
         return arun  # type: ignore[return-value]
 
@@ -78,7 +81,9 @@ def _typed_failures(node: Node) -> Node:
         except GraphBubbleUp:
             raise
         except Exception as exc:
-            raise failed(self, state, exc) from exc
+            if (error := failed(self, state, exc)) is None:
+                raise
+            raise error from exc
 
     return run  # type: ignore[return-value]
 
@@ -102,6 +107,7 @@ class VPTNodes:
         try:
             with self.engine.preparing():
                 image = load_image(state.get("image"), max_pixels=opts.max_pixels, max_side=opts.max_side)
+                key = image_key(image)
             question = validate_question(
                 state.get("q"), max_chars=opts.max_question_chars, truncate=opts.truncate_question
             )
@@ -113,7 +119,7 @@ class VPTNodes:
         if dropped := len(state["q"].strip()) - len(question):
             message = f"the question was cut to its first {len(question)} characters ({dropped} dropped)"
             cut = _describe(BadQuestionError(message))
-        run_id, key = uuid.uuid4().hex, image_key(image)
+        run_id = uuid.uuid4().hex
         run = self.store.run(run_id)
         run.image, run.image_key = image, key
         return {

@@ -161,12 +161,8 @@ class Engine:
         self._submit(round_, notify)
         sent = 0
         try:
-            while True:
-                try:
-                    await asyncio.wait_for(done.wait(), self.flush_seconds if on_tokens is not None else None)
-                    break
-                except TimeoutError:
-                    sent = _flush(round_, sent, on_tokens)
+            while not await _waited(done, self.flush_seconds if on_tokens is not None else None):
+                sent = _flush(round_, sent, on_tokens)
             _flush(round_, sent, on_tokens)
             return round_.turn()
         except BaseException:
@@ -286,6 +282,15 @@ def _encode(model, jobs: list[_Job]) -> None:
             group[0].error = exc
         for job in group:
             job.done.set()
+
+
+async def _waited(event: asyncio.Event, timeout: float | None) -> bool:
+    """`threading.Event.wait` for an asyncio event: whether it was set within `timeout` seconds."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False
 
 
 def _flush(round_: Round, sent: int, on_tokens: Tokens | None) -> int:
