@@ -20,14 +20,32 @@ def image_path(tmp_path):
     return path
 
 
-def test_json_output_and_trace(checkpoint, image_path, tmp_path, capsys):
+@pytest.fixture
+def forced(monkeypatch):
+    """`forced(*texts)`: the CLI's graphs teacher-force these rounds (random weights answer anything)."""
+
+    real = graph_module.build_graph
+
+    def force(*texts: str) -> None:
+        monkeypatch.setattr(graph_module, "build_graph", lambda *a, **kw: real(*a, **kw, force=texts))
+
+    return force
+
+
+FINAL = "It is fine.<|im_end|>"
+MALFORMED = "<|region_token_start|><|x_3|><|region_token_end|><|im_end|>"
+
+
+def test_json_output_and_trace(checkpoint, image_path, tmp_path, capsys, forced):
     trace = tmp_path / "trace.png"
     argv = ["ask", str(image_path), "What is it?", "--model", str(checkpoint), "--json", "--trace", str(trace)]
     argv += ["--max-new-tokens", "4"]
+    forced(FINAL)
     assert main(argv) == 0
     out = capsys.readouterr()
     result = json.loads(out.out)
-    assert set(result) == {"answer", "actions", "regions", "steps", "error"}
+    assert set(result) == {"answer", "actions", "regions", "steps", "error", "warnings"}
+    assert result["answer"] == "It is fine." and result["error"] is None
     assert result["steps"][0]["node"] == "perceive" and result["steps"][-1]["node"] == "answer"
     assert "<|" not in result["answer"]
     assert Image.open(trace).format == "PNG"
@@ -37,7 +55,7 @@ def test_json_output_and_trace(checkpoint, image_path, tmp_path, capsys):
 def test_plain_output_is_the_answer_then_one_line_per_perception_step(checkpoint, image_path, capsys):
     region = "<|region_token_start|><|x_1|><|x_2|><|y_0|><|region_token_end|><|im_end|>"
     argv = ["ask", str(image_path), "What is it?", "--model", str(checkpoint), "--max-new-tokens", "4"]
-    assert main(argv) == 0
+    main(argv)
     assert len(capsys.readouterr().out.splitlines()) <= 1  # no perception: the answer alone
     graph_options = {"force": (region, "Two.<|im_end|>")}
     real = graph_module.build_graph
@@ -48,6 +66,20 @@ def test_plain_output_is_the_answer_then_one_line_per_perception_step(checkpoint
         graph_module.build_graph = real
     assert capsys.readouterr().out.splitlines() == [
         "Two.", "region: cells x 1-2, y 0-0 of 8x8 -> crop (0, 0)-(45, 15) px"]
+
+
+def test_the_exit_code_follows_the_error(checkpoint, image_path, capsys, forced):
+    """A run that recovered answers with a warning (exit 0); a run without a usable answer exits 1."""
+    argv = ["ask", str(image_path), "What is it?", "--model", str(checkpoint)]
+    forced(MALFORMED, FINAL)
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert out.out == "It is fine.\n" and out.err.startswith("vpt-agent: warning: BadModelOutputError: region 0")
+    forced(MALFORMED, MALFORMED)
+    assert main(argv) == 1
+    out = capsys.readouterr()
+    assert out.out == "\n" and out.err.count("\n") == 2  # the recovered request, then the run's error
+    assert out.err.splitlines()[1].startswith("vpt-agent: error: BadModelOutputError: region 0")
 
 
 def test_options_reach_the_graph(monkeypatch, checkpoint, image_path, capsys):
@@ -61,7 +93,7 @@ def test_options_reach_the_graph(monkeypatch, checkpoint, image_path, capsys):
     monkeypatch.setattr(graph_module, "build_graph", spy)
     argv = ["ask", str(image_path), "Q?", "--model", str(checkpoint)]
     argv += ["--max-steps", "0", "--mode", "direct", "--max-new-tokens", "3"]
-    assert main(argv) == 0
+    main(argv)  # random weights: an answer or a malformed one
     assert seen == {"model": str(checkpoint), "max_perception_steps": 0, "mode": "direct", "max_new_tokens": 3}
 
 

@@ -81,9 +81,9 @@ def test_threads_and_batch_give_single_threaded_answers(one_thread_per_op, monke
     start = time.perf_counter()
     expected = [comparable(graph.invoke(inputs, config)) for inputs, config in runs]
     single = time.perf_counter() - start
-    assert len({r["answer"] for r in expected}) >= 10  # answers tell the images apart
+    assert len({r["steps"][-2]["text"] for r in expected}) >= 10  # the last rounds tell the images apart
     assert {r["steps"][2]["node"] for r in expected} >= {"crop", "dino", "sam", "clip", "mllm", "answer"}  # every route
-    assert any(len(r["regions"]) == 2 for r in expected) and any(r["error"] for r in expected)
+    assert any(len(r["regions"]) == 2 for r in expected) and any(r["warnings"] for r in expected)
 
     def ask_all(worker: int) -> list[tuple[int, dict]]:
         order = np.random.default_rng(worker).permutation(QUESTIONS)

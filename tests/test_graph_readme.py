@@ -86,7 +86,7 @@ def test_readme_cli_command(photo_dir):
     done = subprocess.run([script, *argv[1:]], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert set(result) == {"answer", "actions", "regions", "steps", "error"}
+    assert set(result) == {"answer", "actions", "regions", "steps", "error", "warnings"}
     assert Image.open(photo_dir / "trace.png").format == "PNG"
 
 

@@ -170,9 +170,28 @@ def test_reencode_routes_to_its_branch(scripted, action, branch):
 def test_malformed_output_is_recorded_and_answered_without_perception(scripted, text, error):
     result = scripted([text, "Cat." + END]).invoke({"image": IMAGE, "q": "What?"})
     assert _nodes(result) == ["perceive", "mllm", "mllm", "answer"]  # asked again, answered
-    assert result["error"].startswith(error) and result["steps"][1]["error"] == result["error"]
+    assert result["error"] is None and result["warnings"] == [result["steps"][1]["error"]]
+    assert result["warnings"][0].startswith(error)
     assert result["actions"] == [] and not [e for e in LOG if e[0] in ("regions", "reencode")]
     assert ("text", "What?") in LOG and result["answer"] == "Cat."
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        (END, "BadModelOutputError: the answer is empty"),
+        ("  " + END, "BadModelOutputError: the answer is empty"),
+        ("<|y_6|><|y_6|><|region_token_end|>" + END, "BadModelOutputError: VPT tokens outside a well-formed action"),
+        ("A <|detection_action|> B" + END, "BadModelOutputError: VPT tokens outside a well-formed action"),
+    ],
+)
+def test_an_empty_or_stray_answer_is_asked_again_then_is_the_runs_error(scripted, text, error):
+    result = scripted([text, "Cat." + END]).invoke({"image": IMAGE, "q": "What?"})
+    assert _nodes(result) == ["perceive", "mllm", "mllm", "answer"] and ("text", "What?") in LOG
+    assert result["answer"] == "Cat." and result["error"] is None and result["warnings"][0].startswith(error)
+    result = scripted([text, text]).invoke({"image": IMAGE, "q": "What?"})
+    assert _nodes(result) == ["perceive", "mllm", "mllm", "answer"]
+    assert result["answer"] == "" and result["error"].startswith(error) and result["warnings"][0].startswith(error)
 
 
 def test_mixed_actions_are_final(scripted):
@@ -186,7 +205,7 @@ def test_branch_the_model_lacks(scripted):
     graph = scripted([SAM], branches=("dino",))
     assert "sam" not in graph.get_graph().nodes and "dino" in graph.get_graph().nodes
     result = graph.invoke({"image": IMAGE, "q": "What?"})
-    assert result["error"].startswith("MissingBranchError")
+    assert result["error"] is None and result["warnings"][0].startswith("MissingBranchError")
     assert _nodes(result) == ["perceive", "mllm", "mllm", "answer"] and result["answer"] == "done"
 
 
@@ -200,7 +219,7 @@ def test_branch_the_model_lacks(scripted):
 )
 def test_disallowed_actions_are_refused(scripted, options, script):
     result = scripted(script, **options).invoke({"image": IMAGE, "q": "What?"})
-    assert result["error"].startswith("PerceptionLimitError") and result["actions"] == []
+    assert result["warnings"][0].startswith("PerceptionLimitError") and result["actions"] == []
     assert _nodes(result) == ["perceive", "mllm", "mllm", "answer"]
 
 
@@ -214,7 +233,7 @@ def test_loop_bound(scripted):
     # two crops, a refused third request, the question asked once more (refused again), the answer
     assert _nodes(result) == ["perceive", "mllm", "crop", "mllm", "crop", "mllm", "mllm", "answer"]
     assert len(result["actions"]) == 2 and len(result["regions"]) == 2
-    assert "max_perception_steps=2" in result["error"]
+    assert "max_perception_steps=2" in result["error"] and result["answer"] == ""  # no answer came
 
     result = scripted([REGION + END] * 5, max_perception_steps=0).invoke({"image": IMAGE, "q": "What?"})
     assert _nodes(result) == ["perceive", "mllm", "mllm", "answer"] and "max_perception_steps=0" in result["error"]

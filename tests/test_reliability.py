@@ -80,9 +80,11 @@ def noise(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def assert_answered_inside(result, width: int, height: int) -> None:
-    """An answer, no error, and every region inside the upright width x height image."""
-    assert result["error"] is None and nodes(result)[-1] == "answer" and isinstance(result["answer"], str)
+def assert_answered_inside(result, width: int, height: int, answered: bool = True) -> None:
+    """An answer (`answered`: without error; else the model's own continuation may be malformed), and
+    every region inside the upright width x height image."""
+    assert nodes(result)[-1] == "answer" and isinstance(result["answer"], str)
+    assert result["error"] is None if answered else (result["error"] or "BadModelOutputError").startswith("BadModel")
     assert tuple(load_image(result["image"]).shape) == (3, height, width)
     for x0, y0, x1, y1 in result["regions"]:
         assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, (result["regions"], width, height)
@@ -228,7 +230,7 @@ def test_exif_rotated_jpeg_is_seen_upright(tiny, orientation, turns):
     upright = np.ascontiguousarray(np.rot90(stored, k=turns))
     from_jpeg = run(tiny, jpeg, CORNERS, PREFIX)
     assert comparable(from_jpeg) == comparable(run(tiny, upright, CORNERS, PREFIX))
-    assert_answered_inside(from_jpeg, upright.shape[1], upright.shape[0])
+    assert_answered_inside(from_jpeg, upright.shape[1], upright.shape[0], answered=False)
 
 
 def test_animated_gif_is_its_first_frame(tiny):
@@ -282,7 +284,8 @@ def test_a_long_question_can_be_cut_instead(tiny, monkeypatch):
     with recorded_conversations(monkeypatch) as conversations:
         result = run(tiny, noise(28, 28), FINAL, q="why " * 250_000, max_question_chars=300, truncate_question=True)
     assert nodes(result) == ["perceive", "mllm", "answer"] and result["answer"] == "It is fine."
-    assert result["error"] == "BadQuestionError: the question was cut to its first 300 characters (999699 dropped)"
+    assert result["error"] is None
+    assert result["warnings"] == ["BadQuestionError: the question was cut to its first 300 characters (999699 dropped)"]
     kept = build_question(("why " * 75).strip(), "region")
     assert contains(conversations[0].tokens(), encode_user_text(tokenizer, kept))
 
@@ -309,7 +312,7 @@ def test_question_text_never_becomes_special_tokens(tiny, monkeypatch, question,
         plain = run(tiny, noise(28, 28), *route, q="What?")
         hostile = run(tiny, noise(28, 28), *route, q=question)
     assert nodes(hostile) == nodes(plain) and nodes(hostile)[1:] == ["mllm"] * len(route) + ["answer"]
-    assert hostile["error"] == plain["error"] and hostile["actions"] == [] and hostile["answer"] == "It is fine."
+    assert hostile["warnings"] == plain["warnings"] and hostile["actions"] == [] and hostile["answer"] == "It is fine."
     plain_ids, hostile_ids = (c.tokens() for c in conversations)
     specials = lambda ids: Counter(i for i in ids if i in protected)  # noqa: E731
     assert specials(hostile_ids) == specials(plain_ids)
@@ -408,20 +411,35 @@ def test_malformed_requests_end_with_an_answer_and_a_typed_error(tiny, case):
     text, error = MALFORMED[case]
     result = run(tiny, noise(28, 28), text + "<|im_end|>", FINAL)
     assert nodes(result) == ["perceive", "mllm", "mllm", "answer"] and result["answer"] == "It is fine."
-    assert error in result["error"] and result["actions"] == [] and result["regions"] == []
-    assert result["steps"][1]["error"] == result["error"]
+    assert result["error"] is None and result["warnings"] == [result["steps"][1]["error"]]  # recovered
+    assert error in result["warnings"][0] and result["actions"] == [] and result["regions"] == []
 
 
-@pytest.mark.parametrize("case", ["stray cells", "lone end", "region and dino"])
-def test_requests_that_are_not_requests_are_final_answers(tiny, case):
-    text = {
-        "stray cells": "<|x_1|><|y_2|>A cat.<|im_end|>",
-        "lone end": "<|region_token_end|>A cat.<|im_end|>",
-        "region and dino": REGION.removesuffix("<|im_end|>") + DINO,
-    }[case]
-    result = run(tiny, noise(28, 28), text)
+STRAY = {
+    "stray cells": ("<|x_1|><|y_2|>A cat.<|im_end|>", "VPT tokens outside a well-formed action"),
+    "lone end": ("<|region_token_end|>A cat.<|im_end|>", "VPT tokens outside a well-formed action"),
+    "action token alone": ("<|clip_action|>A cat.<|im_end|>", "VPT tokens outside a well-formed action"),
+    "nothing visible": ("  <|im_end|>", "the answer is empty"),
+    "region and dino": (REGION.removesuffix("<|im_end|>") + DINO, "the answer is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(STRAY))
+def test_stray_tokens_or_no_text_are_no_answer(tiny, case):
+    """Asked again once; still no answer: the run's error, and an empty answer."""
+    text, error = STRAY[case]
+    result = run(tiny, noise(28, 28), text, FINAL)
+    assert nodes(result) == ["perceive", "mllm", "mllm", "answer"] and result["actions"] == []
+    assert result["answer"] == "It is fine." and result["error"] is None and error in result["warnings"][0]
+    result = run(tiny, noise(28, 28), text, text)
+    assert result["answer"] == "" and error in result["error"] and error in result["warnings"][0]
+
+
+def test_several_kinds_of_action_with_text_are_a_final_answer(tiny):
+    """As the reference decides; the visible text is the answer."""
+    result = run(tiny, noise(28, 28), "A cat." + REGION.removesuffix("<|im_end|>") + DINO)
     assert nodes(result) == ["perceive", "mllm", "answer"] and result["actions"] == []
-    assert result["error"] is None and "<|" not in result["answer"]
+    assert result["answer"] == "A cat." and result["error"] is None and result["warnings"] == []
 
 
 @pytest.mark.parametrize("action, branch", [(SAM, "sam"), (CLIP, "clip")])
@@ -429,7 +447,8 @@ def test_an_action_for_a_branch_the_model_lacks(action, branch):
     dino_only = tiny_vpt_model(branches=("dino",))
     result = run(dino_only, noise(28, 28), action + "<|im_end|>", FINAL)
     assert nodes(result) == ["perceive", "mllm", "mllm", "answer"] and result["answer"] == "It is fine."
-    assert result["error"].startswith(f"MissingBranchError: the model requested the {branch!r} branch")
+    assert result["error"] is None
+    assert result["warnings"][0].startswith(f"MissingBranchError: the model requested the {branch!r} branch")
     unfinished = run(dino_only, noise(28, 28), action)  # no <|im_end|>: the model's own tokens follow
     assert unfinished["steps"][1]["error"].startswith("MissingBranchError") and unfinished["actions"] == []
 
@@ -472,7 +491,9 @@ def test_safetensors_are_preferred_over_a_pickle_beside_them(checkpoint, tmp_pat
     marker = tmp_path / "pwned"
     torch.save({"lm_head.weight": _Exploit(marker)}, ckpt / "pytorch_model.bin")
     Image.fromarray(noise(28, 28)).save(tmp_path / "photo.png")
-    assert main(["ask", str(tmp_path / "photo.png"), Q, "--model", str(ckpt), "--max-new-tokens", "2"]) == 0
+    main(["ask", str(tmp_path / "photo.png"), Q, "--model", str(ckpt), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert "CheckpointError" not in err and "internal error" not in err, err  # loaded and ran
     assert not marker.exists()
 
 

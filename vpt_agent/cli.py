@@ -95,8 +95,11 @@ def _ask(args: argparse.Namespace) -> int:
         print(("A: " if args.example else "") + result["answer"])
         for action in result["actions"]:
             print(_describe(action))
-        if result["error"]:
-            print(f"{PROG}: warning: {result['error']}", file=sys.stderr)
+        for warning in result["warnings"]:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if result["error"]:  # no usable answer
+        print(f"{PROG}: error: {result['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

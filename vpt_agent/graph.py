@@ -141,7 +141,7 @@ def as_tool(
     """A LangChain tool running `graph`: content is the answer, artifact the JSON result."""
 
     def finish(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        if not result.get("answer") and result.get("error"):
+        if result.get("error"):  # no usable answer
             raise ToolException(result["error"])
         return result["answer"], result_json(result)
 

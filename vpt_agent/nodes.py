@@ -43,7 +43,7 @@ from .perception.crop import crops
 from .prompts import build_question
 from .state import StepRecord, VPTState
 from .store import RunCache, VPTStore
-from .tokens import ACTION_STARTS, BRANCHES, ParsedOutput, parse_actions
+from .tokens import ACTION_STARTS, BRANCHES, ParsedOutput, answer_problem, parse_actions
 
 Node = TypeVar("Node", bound=Callable[..., Any])
 
@@ -114,8 +114,8 @@ class VPTNodes:
         except (BadImageError, BadQuestionError) as exc:
             error = _describe(exc)
             steps = Overwrite([_record("perceive", start, error=error)])
-            return {**reset, "answer": "", "error": error, "steps": steps}
-        cut = None  # recorded, and reported as the run's error unless a later one replaces it
+            return {**reset, "answer": "", "error": error, "warnings": [], "steps": steps}
+        cut = None  # recorded: a warning of the run if it answers
         if dropped := len(state["q"].strip()) - len(question):
             message = f"the question was cut to its first {len(question)} characters ({dropped} dropped)"
             cut = _describe(BadQuestionError(message))
@@ -130,6 +130,7 @@ class VPTNodes:
             "prompt": build_question(question, opts.mode),
             "answer": "",
             "error": None,
+            "warnings": [],
             "steps": Overwrite([_record("perceive", start, error=cut)]),
         }
 
@@ -188,13 +189,16 @@ class VPTNodes:
         return {"actions": [_public(action)], "user_turns": [action], "next_action": None, "steps": [record]}
 
     def answer(self, state: VPTState) -> dict[str, Any]:
-        """The last round's text without special tokens; free the run's tensors. The run's error is
-        the latest one recorded (a refused request, or a cut question)."""
+        """The last round's text without special tokens, and free the run's tensors. A last round that
+        is no usable answer (empty, stray VPT tokens, a refused request) makes the run's `error`, with
+        an empty answer; what the run recovered from before it is in `warnings`."""
         start = time.perf_counter()
-        text = self.tokenizer.decode(state["turns"][-1], skip_special_tokens=True).strip()
-        error = next((s["error"] for s in reversed(state["steps"]) if s["error"]), None)
+        *earlier, last = state["steps"]
+        error = last["error"]
+        text = "" if error else self.tokenizer.decode(state["turns"][-1], skip_special_tokens=True).strip()
         self.store.drop(state["run_id"])
-        return {"answer": text, "error": error, "steps": [_record("answer", start, text=text)]}
+        warnings = [step["error"] for step in earlier if step["error"]]
+        return {"answer": text, "error": error, "warnings": warnings, "steps": [_record("answer", start, text=text)]}
 
     # ----------------------------------------------------------------------------- routing
     @staticmethod
@@ -275,8 +279,8 @@ class VPTNodes:
         """(the action to carry out, with a new id, or None; the reason a request is refused, or None)."""
         if parsed.kind == "error":
             return None, _describe(parsed.exception())
-        if parsed.kind not in ("region", "reencode"):
-            return None, None
+        if parsed.kind not in ("region", "reencode"):  # a final answer
+            return None, _describe(answer_problem(turn.text, parsed))
         name = "region" if parsed.kind == "region" else parsed.reencode.branch
         if not opts.allows(name):
             allowed = "none in direct mode" if opts.mode == "direct" else ", ".join(opts.allowed_actions)

@@ -56,8 +56,12 @@ class OutputState(TypedDict, total=False):
     steps: Appended
     """One `StepRecord` per node run."""
     error: str | None
-    """Why the input was rejected, or why the model's last request was refused (the answer
-    was then given without that perception); None otherwise."""
+    """Why the run has no usable answer (then `answer` is ""): the input was rejected, or the last
+    round was empty, malformed or a refused request even after the question was asked again. None
+    whenever the run answered."""
+    warnings: list[str]
+    """What the run recovered from, in order: a refused or malformed request (the question was asked
+    again), a question cut to its limit."""
 
 
 class VPTState(InputState, OutputState, total=False):
@@ -81,8 +85,8 @@ class VPTState(InputState, OutputState, total=False):
 
 
 def result_json(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON-ready part of a final state: answer, actions, regions, steps, error."""
-    return {key: result.get(key) for key in ("answer", "actions", "regions", "steps", "error")}
+    """The JSON-ready part of a final state: answer, actions, regions, steps, error, warnings."""
+    return {key: result.get(key) for key in ("answer", "actions", "regions", "steps", "error", "warnings")}
 
 
 class ImageSerializer(SerializerProtocol):

@@ -25,6 +25,10 @@ records an error (kind ``"error"``, never an exception) and no action is taken:
 * an action for a branch outside ``allowed_branches``.
 
 A malformed region next to a well-formed one is ignored, as in the reference.
+
+A final answer (kind ``"none"`` or ``"finished_mixed"``) is checked apart by :func:`answer_problem`:
+one that is empty once special tokens are removed, or (kind ``"none"``) that holds VPT tokens at all,
+which can only be stray ones there, is not an answer.
 """
 from __future__ import annotations
 
@@ -334,3 +338,20 @@ def parse_actions(
         BadModelOutputError,
     )
 
+
+
+_SPECIAL_PATTERN = re.compile("|".join(re.escape(token) for token in ALL_SPECIAL_TOKENS))
+
+
+def answer_problem(text: str, parsed: ParsedOutput) -> BadModelOutputError | None:
+    """Why the final answer `text` (special tokens kept, parsed as `parsed`) is not usable, or None:
+    nothing visible once special tokens are removed, or VPT tokens outside any well-formed action
+    (stray ``<|x_i|>`` / ``<|y_j|>``, a region end without its start, an action token without its
+    start: in a ``"none"`` answer every VPT token is one of these)."""
+    if parsed.kind not in ("none", "finished_mixed"):
+        raise InputMismatchError(f"a {parsed.kind!r} output is not a final answer")
+    if parsed.kind == "none" and (stray := [t for t in VPT_SPECIAL_TOKENS if t in text]):
+        return BadModelOutputError(f"VPT tokens outside a well-formed action in the answer: {', '.join(stray)}")
+    if not _SPECIAL_PATTERN.sub("", text).strip():
+        return BadModelOutputError("the answer is empty")
+    return None

@@ -1,7 +1,7 @@
 """`evaluate`: run a VPT_Datasets file through the graph in batches, score, resume, summarize.
 
 DIR/predictions.jsonl gets one line per finished item (id, mode, question, answer, ground truth,
-actions, regions, score, error, timings), appended and fsynced as each batch ends; DIR/summary.json
+actions, regions, score, error, warnings, timings), appended and fsynced as each batch ends; DIR/summary.json
 and DIR/summary.md are written at the end. Re-running with the same DIR resumes: a torn last line
 (a kill mid-write) is cut off, items with a line are skipped, and no line is ever rewritten.
 Items with unusable data (missing or corrupt image, empty question, no ground truth) get a line
@@ -166,6 +166,7 @@ class Evaluator:
         answered = any(step["node"] == "answer" for step in steps)
         answer = result.get("answer") or ""
         line = prediction_line(task, answer=answer, error=result.get("error"), steps=steps)
+        line["warnings"] = result.get("warnings") or []
         line["actions"] = [a["kind"] if a["kind"] == "region" else a["reencode"]["branch"] for a in result["actions"]]
         line["regions"] = result.get("regions") or []
         if answered:
@@ -186,7 +187,7 @@ def prediction_line(
     return {
         "id": item.id, "index": item.index, "mode": task.mode, "category": item.category,
         "question": item.question, "answer": answer, "ground_truth": list(item.answers),
-        "actions": [], "regions": [], "score": None, "error": error,
+        "actions": [], "regions": [], "score": None, "error": error, "warnings": [],
         "timings": {"total_ms": round(sum(nodes.values()), 3), "nodes_ms": nodes},
     }
 
@@ -319,8 +320,8 @@ def summarize(
             "judge": _mean(line["judge"] for line in scored if line.get("judge") is not None),
             "perception": _mean(float(bool(line["actions"])) for line in scored),
             "actions_per_item": _mean(len(line["actions"]) for line in scored),
-            "refused": sum(line["error"] is not None for line in scored),
-            "well_formed": _mean(float(line["error"] is None) for line in scored),
+            "refused": sum(not _well_formed(line) for line in scored),
+            "well_formed": _mean(float(_well_formed(line)) for line in scored),
             "mean_ms": _mean(line["timings"]["total_ms"] for line in scored),
             "median_ms": statistics.median(t) if (t := [line["timings"]["total_ms"] for line in scored]) else None,
             **metric_extras(spec.metric, [(line["answer"], line["ground_truth"][0]) for line in scored]),
@@ -427,6 +428,11 @@ def _device(device: str | None, local_rank: int) -> torch.device:
 
 def _image(item: EvalItem) -> str | torch.Tensor | None:
     return item.image.load() if isinstance(item.image, SyntheticImage) else item.image
+
+
+def _well_formed(line: dict[str, Any]) -> bool:
+    """No refused or malformed request and no other problem in the run, recovered from or not."""
+    return line["error"] is None and not line.get("warnings")  # lines of older runs have no warnings
 
 
 def _ms(value: float | None) -> str:
