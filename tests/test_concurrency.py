@@ -69,8 +69,8 @@ def test_threads_and_batch_give_single_threaded_answers(one_thread_per_op, monke
     stores: list[VPTStore] = []
 
     class RecordingStore(VPTStore):
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
             stores.append(self)
 
     monkeypatch.setattr(graph_module, "VPTStore", RecordingStore)

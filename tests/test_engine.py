@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from langgraph.checkpoint.memory import InMemorySaver
 
 from vpt_agent import ModelError, build_graph
 from vpt_agent.model.batch import Batch, Round
@@ -287,3 +288,22 @@ def test_graphs_on_one_model_share_its_engine(tiny):
         results = list(pool.map(lambda job: comparable(job[0].invoke(*job[1])),
                                 [(g, run) for g in (region, direct) for run in runs]))
     assert results == expected
+
+
+def test_a_run_interrupted_by_its_checkpointer_leaves_the_others_alone(tiny):
+    model, tokenizer = tiny
+    graph = build_graph(model, InMemorySaver(), tokenizer=tokenizer, max_new_tokens=5)
+    runs = graph_runs(6)
+    configs = [{**config, "configurable": {**config["configurable"], "thread_id": f"t{i}"}}
+               for i, (_, config) in enumerate(runs)]
+    expected = [comparable(build_graph(model, tokenizer=tokenizer, max_new_tokens=5).invoke(*run)) for run in runs]
+
+    def ask(i: int) -> dict:
+        stop = ["mllm"] if i == 2 else None  # stops after its first round, while the others decode
+        return graph.invoke(runs[i][0], configs[i], interrupt_after=stop)
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(ask, range(6)))
+    assert graph.get_state(configs[2]).next and results[2]["steps"][-1]["node"] == "mllm"
+    assert [comparable(r) for i, r in enumerate(results) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
+    assert comparable(graph.invoke(None, configs[2])) == expected[2]  # resumed to its own answer

@@ -41,6 +41,7 @@ class ScriptedConversation:
 
     script: list[str] = []
     chat = SimpleNamespace(placeholders=())
+    cache = None
 
     def __init__(self, model, tokenizer, *, system_prompt: str = "") -> None:
         self.tokenizer, self.round = tokenizer, 0
@@ -96,8 +97,8 @@ def scripted(monkeypatch):
     stores: list[VPTStore] = []
 
     class RecordingStore(VPTStore):
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
             stores.append(self)
 
     monkeypatch.setattr("vpt_agent.nodes.Conversation", ScriptedConversation)
@@ -345,15 +346,22 @@ def test_a_new_question_on_the_same_thread_starts_afresh(scripted):
     assert result["regions"] == [] and result["actions"] == [] and result["error"] is None
 
 
-def test_store_is_a_bounded_lru():
-    store = VPTStore(max_runs=2)
-    first = store.run("a")
-    store.run("b")
-    store.run("a")  # used again: "b" is now the oldest
-    store.run("c")
-    assert "a" in store and "b" not in store and "c" in store and store.run("a") is first
-    store.drop("a")
-    assert len(store) == 1
+def test_the_store_is_bounded_in_bytes_and_keeps_runs_in_use():
+    store = VPTStore(max_bytes=2500)
+    for name in "abc":  # 1000 bytes each, one after another: "a" is the oldest
+        with store.using(name) as run:
+            run.image = torch.zeros(1000, dtype=torch.uint8)
+            run.outputs["crop"] = [run.image[:10]]  # a view: counted once
+    assert "a" not in store and "b" in store and "c" in store and store.nbytes() == 2000
+    with store.using("b") as b, store.using("d") as d:  # both in use: nothing of theirs goes
+        d.image = torch.zeros(2000, dtype=torch.uint8)
+        with store.using("e") as e:
+            e.image = torch.zeros(2000, dtype=torch.uint8)
+        assert "b" in store and "d" in store and "e" not in store and "c" not in store
+        assert b.image is not None
+    assert len(store) == 1 and "b" in store  # "d" was idle while "b" was still in use: it went
+    store.drop("b")
+    assert len(store) == 0 and store.nbytes() == 0
 
 
 def test_a_failed_round_is_retried_on_a_rebuilt_session(scripted, monkeypatch):

@@ -27,7 +27,7 @@ from .model.loading import load_tokenizer
 from .model.tokenizer import special_ids
 from .nodes import VPTNodes
 from .state import InputState, OutputState, VPTState, result_json, with_image_serde
-from .store import VPTStore
+from .store import DEFAULT_MAX_BYTES, VPTStore
 from .tokens import CONFIG_TOKEN_FIELDS
 
 
@@ -38,6 +38,7 @@ def build_graph(
     tokenizer: Any = None,
     max_batch_rows: int | None = None,
     max_prefill_tokens: int | None = None,
+    max_store_bytes: int = DEFAULT_MAX_BYTES,
     **options: Any,
 ) -> VPTGraph:
     """The compiled VPT graph: ``graph.invoke({"image": ..., "q": "..."})``.
@@ -50,11 +51,12 @@ def build_graph(
     Concurrent runs of every graph on one model share its batching engine
     (`vpt_agent.model.engine`): `max_batch_rows` (default 64) bounds the rows of one model step and
     `max_prefill_tokens` (default 16384) the new tokens admitted at once; beyond them rounds queue.
-    Set here, they apply to the model's engine, for every graph on it.
+    Set here, they apply to the model's engine, for every graph on it. `max_store_bytes` bounds the
+    tensors this graph keeps for its runs between nodes (`vpt_agent.store`).
     """
     defaults = VPTOptions.build(**options)
     model, tokenizer = resolve_model(model, tokenizer)
-    nodes = VPTNodes(model, tokenizer, defaults, VPTStore())
+    nodes = VPTNodes(model, tokenizer, defaults, VPTStore(max_store_bytes))
     nodes.engine.configure(max_rows=max_batch_rows, max_prefill_tokens=max_prefill_tokens)
     tools = ["crop", *nodes.branches]
 

@@ -120,8 +120,8 @@ class VPTNodes:
             message = f"the question was cut to its first {len(question)} characters ({dropped} dropped)"
             cut = _describe(BadQuestionError(message))
         run_id = uuid.uuid4().hex
-        run = self.store.run(run_id)
-        run.image, run.image_key = image, key
+        with self.store.using(run_id) as run:
+            run.image, run.image_key = image, key
         return {
             **reset,
             "run_id": run_id,
@@ -138,39 +138,38 @@ class VPTNodes:
     def mllm(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
         """Generate one round on the run's conversation and decide whether a tool runs next."""
         start, opts = time.perf_counter(), self.options.merged(config)
-        run = self.store.run(state["run_id"])
         writer = get_stream_writer()
-        try:
-            with self.engine.preparing():
-                round_ = self._next_round(run, state, opts)
-            turn = self.engine.generate(round_, on_tokens=self._streamed(writer))
-        except BaseException:
-            run.conversation = None  # possibly half-advanced: the next attempt rebuilds it by replay
-            raise
-        return self._after_round(run, state, opts, turn, start)
+        with self.store.using(state["run_id"]) as run:
+            try:
+                with self.engine.preparing():
+                    round_ = self._next_round(run, state, opts)
+                turn = self.engine.generate(round_, on_tokens=self._streamed(writer))
+            except BaseException:
+                run.conversation = None  # possibly half-advanced: the next attempt rebuilds it by replay
+                raise
+            return self._after_round(run, state, opts, turn, start)
 
     @_typed_failures
     async def amllm(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
         """`mllm` for asyncio: the round is awaited, not waited for in a thread."""
         start, opts = time.perf_counter(), self.options.merged(config)
-        run = self.store.run(state["run_id"])
         writer = get_stream_writer()
-        try:
-            with self.engine.preparing():
-                round_ = await asyncio.to_thread(self._next_round, run, state, opts)
-            turn = await self.engine.agenerate(round_, on_tokens=self._streamed(writer))
-        except BaseException:
-            run.conversation = None
-            raise
-        return self._after_round(run, state, opts, turn, start)
+        with self.store.using(state["run_id"]) as run:
+            try:
+                with self.engine.preparing():
+                    round_ = await asyncio.to_thread(self._next_round, run, state, opts)
+                turn = await self.engine.agenerate(round_, on_tokens=self._streamed(writer))
+            except BaseException:
+                run.conversation = None
+                raise
+            return self._after_round(run, state, opts, turn, start)
 
     @_typed_failures
     def crop(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
         """Cut the selected regions out of the full-resolution image (one user turn)."""
         start, opts = time.perf_counter(), self.options.merged(config)
         action = state["next_action"]
-        run = self.store.run(state["run_id"])
-        with self.engine.preparing():
+        with self.store.using(state["run_id"]) as run, self.engine.preparing():
             run.outputs[action["id"]] = self._tool_output(action, self._image(run, state, opts))
         boxes = [list(region["box"]) for region in action["regions"]]
         record = _record("crop", start, boxes=boxes)
@@ -182,8 +181,7 @@ class VPTNodes:
         """Run the requested branch encoder (dino, sam or clip) on the full-resolution image."""
         start, opts = time.perf_counter(), self.options.merged(config)
         action = state["next_action"]
-        run = self.store.run(state["run_id"])
-        with self.engine.preparing():
+        with self.store.using(state["run_id"]) as run, self.engine.preparing():
             features = run.outputs[action["id"]] = self._tool_output(action, self._image(run, state, opts))
         record = _record(action["reencode"]["branch"], start, feature_shape=list(features.shape))
         return {"actions": [_public(action)], "user_turns": [action], "next_action": None, "steps": [record]}
