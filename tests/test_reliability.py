@@ -407,7 +407,7 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_requests_end_with_an_answer_and_a_typed_error(tiny, case):
+def test_malformed_requests_are_asked_again_and_answered_with_a_warning(tiny, case):
     text, error = MALFORMED[case]
     result = run(tiny, noise(28, 28), text + "<|im_end|>", FINAL)
     assert nodes(result) == ["perceive", "mllm", "mllm", "answer"] and result["answer"] == "It is fine."
