@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,28 @@ def test_released_config_builds_the_large_encoders_without_download():
         sam = VPTForConditionalGeneration(sam_cfg).seg_model
     assert round(sum(p.numel() for p in dino.parameters()) / 1e6, 1) == 303.2  # ViT-L/14 at 224 px
     assert round(sum(p.numel() for p in sam.parameters()) / 1e6, 1) == 308.3  # SAM ViT-L image encoder
+
+
+def test_loading_changes_no_process_wide_default(tmp_path):
+    """A thread creating tensors while a model loads in bfloat16 gets float32, as before and after;
+    nothing of the model is left without data (its rotary frequencies are computed on load)."""
+    seen, loading = set(), threading.Event()
+
+    def create() -> None:
+        while not loading.is_set():
+            seen.add(torch.zeros(1).dtype)
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    try:
+        for _ in range(3):
+            model = VPTForConditionalGeneration.from_pretrained(FIXTURES / "clip", dtype=torch.bfloat16)
+    finally:
+        loading.set()
+        thread.join()
+    assert seen == {torch.float32} and torch.get_default_dtype() == torch.float32
+    assert not any(t.is_meta for t in model.state_dict(keep_vars=True).values())
+    assert all(b.device.type == "cpu" and not b.is_meta for b in model.buffers())
+    built = dict(VPTForConditionalGeneration(VPTConfig.from_pretrained(FIXTURES / "clip")).named_buffers())
+    loaded = dict(model.named_buffers())
+    assert loaded.keys() == built.keys() and all(torch.equal(loaded[k], built[k]) for k in built)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from ..errors import CheckpointError, ConfigError
 from ..perception.dino import convert_hf_dinov2_state_dict
@@ -102,13 +101,14 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: safetensors (single or sharded) or `.bin` pickles
+    """All tensors of a checkpoint directory, memory-mapped where the format allows (file-backed: they
+    take anonymous memory only once copied or cast): safetensors (single or sharded) or `.bin` pickles
     (loaded with `weights_only=True`; a pickle that tries to run code is refused)."""
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
         safetensors = file.suffix == ".safetensors"
         try:
-            part = load_file(file) if safetensors else torch.load(file, map_location="cpu", weights_only=True)
+            part = _read_safetensors(file) if safetensors else _read_pickle(file)
         except Exception as exc:  # foreign data fails in many ways (unpickling, zip, header, I/O)
             kind = "safetensors file" if safetensors else "plain tensor pickle"
             reason = f"{type(exc).__name__}: " + str(exc).partition("\n")[0]
@@ -119,6 +119,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"refused to load {file.name}: it does not map names to tensors")
         state.update(part)
     return state
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    with safe_open(file, framework="pt", device="cpu") as tensors:
+        return {key: tensors.get_tensor(key) for key in tensors.keys()}
+
+
+def _read_pickle(file: Path) -> Any:
+    try:  # the zip format torch.save writes: tensors mapped from the file
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):  # a legacy (non-zip) pickle cannot be mapped: read it whole
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -168,18 +182,6 @@ def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> 
             problems.append(f"{len(keys)} {title}: {shown}")
     if problems:
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    """Build modules directly in `dtype` (no float32 copy of a large model)."""
-    previous = torch.get_default_dtype()
-    if dtype is not None:
-        torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def resolve_device(device_map: str | torch.device | None) -> torch.device:

@@ -18,7 +18,7 @@ from transformers import Qwen2VLForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from ..errors import InputMismatchError, MissingBranchError
+from ..errors import CheckpointError, InputMismatchError, MissingBranchError
 from ..perception.dino import build_dino_encoder
 from ..perception.sam import build_sam_encoder
 from ..tokens import BRANCHES
@@ -26,7 +26,6 @@ from .config import VPTConfig
 from .loading import (
     check_state_dict,
     convert_state_dict,
-    default_dtype,
     load_config,
     read_state_dict,
     resolve_checkpoint_dir,
@@ -92,13 +91,17 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
             config = load_config(path, **config_overrides)
         dtype = dtype or torch_dtype
         device = resolve_device(device_map)
-        with default_dtype(dtype), device:
+        with torch.device("meta"):  # no weights allocated, nothing initialised; the context is this thread's
             model = cls(config)
-        state = convert_state_dict(read_state_dict(path), model)
+        state = convert_state_dict(read_state_dict(path), model)  # tensors mapped from the files
         check_state_dict(state, model)
-        model.load_state_dict(state, strict=False)
+        state = {key: value.to(device, dtype if dtype and value.is_floating_point() else value.dtype, copy=True)
+                 for key, value in state.items()}  # one owned copy each, in the target dtype
+        model.load_state_dict(state, strict=False, assign=True)
+        del state
         if config.tie_word_embeddings:
             model.tie_weights()
+        _materialize_buffers(model, device)
         return model.eval()
 
     def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
@@ -282,6 +285,19 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
             rows, cols = actions[b].nonzero(as_tuple=True)  # row-major order
             out[b] = h1[rows, cols - 1]
         return out
+
+
+def _materialize_buffers(model: VPTForConditionalGeneration, device: torch.device) -> None:
+    """The buffers no checkpoint holds (rotary frequencies), computed on `device` as transformers'
+    initialisation computes them; anything else still without data is a checkpoint error."""
+    for module in model.modules():
+        buffers = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
+        for name in buffers:
+            module.register_buffer(name, torch.empty_like(getattr(module, name), device=device), persistent=False)
+        if buffers:
+            model._init_weights(module)
+    if missing := [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]:
+        raise CheckpointError(f"the checkpoint holds no weights for {missing[:8]}")
 
 
 def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:
