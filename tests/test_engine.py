@@ -307,3 +307,20 @@ def test_a_run_interrupted_by_its_checkpointer_leaves_the_others_alone(tiny):
     assert graph.get_state(configs[2]).next and results[2]["steps"][-1]["node"] == "mllm"
     assert [comparable(r) for i, r in enumerate(results) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
     assert comparable(graph.invoke(None, configs[2])) == expected[2]  # resumed to its own answer
+
+
+def test_placement_and_a_model_moved_after_the_graph_was_built(checkpoint, tmp_path):
+    """A path loads where asked (bf16 on the CPU here); a model moved to another dtype between runs,
+    and while a run waits between two nodes, goes on working."""
+    graph = build_graph(str(checkpoint), dtype="bfloat16", force=[REGION, "It is fine.<|im_end|>"])
+    model = graph.nodes["mllm"].bound.func.__self__.model
+    assert next(model.parameters()).dtype == torch.bfloat16
+    image = np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    assert graph.invoke({"image": image, "q": "What?"})["answer"] == "It is fine."
+    saver = build_graph(model, InMemorySaver(), tokenizer=graph.nodes["mllm"].bound.func.__self__.tokenizer,
+                        force=[REGION, "It is"], max_new_tokens=3)
+    config = {"configurable": {"thread_id": "moved"}}
+    saver.invoke({"image": image, "q": "What?"}, config, interrupt_after=["crop"])  # its cache parked in bf16
+    model.to(torch.float32)
+    result = saver.invoke(None, config)
+    assert result["steps"][-2]["text"].startswith("It is") and next(model.parameters()).dtype == torch.float32

@@ -190,3 +190,8 @@ def test_synthetic_benchmark_in_four_modes(checkpoint, tmp_path, capsys):
 def test_a_dataset_or_synthetic(argv, capsys):
     assert main(argv) == 1
     assert "give a dataset file or --synthetic" in capsys.readouterr().err
+
+
+def test_eval_in_bfloat16(checkpoint, tmp_path):
+    assert _eval(TEXTVQA, tmp_path, checkpoint, "--dtype", "bfloat16", "--device", "cpu") == 0
+    assert len(_lines(tmp_path)) == 3

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--trace", metavar="PNG", help="draw the regions, crops, question and answer to this file")
     ask.add_argument("--max-steps", type=int, default=2, metavar="N", help="perception steps allowed (default 2)")
     ask.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens per round (default 64)")
+    ask.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one, else the CPU)")
+    ask.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                     help="model weights (default: bfloat16 on a GPU, float32 on the CPU)")
     ask.add_argument(
         "--mode", choices=("region", "reencode", "free", "direct"), default="region",
         help="prompt: the paper's region / reencode suffix, free (no suffix) or direct (no perception)",
@@ -84,7 +87,8 @@ def _ask(args: argparse.Namespace) -> int:
     image = load_image(args.image)  # fail fast, before loading the model
     question = validate_question(args.question)
     graph = build_graph(
-        args.model, max_perception_steps=args.max_steps, max_new_tokens=args.max_new_tokens, mode=args.mode
+        args.model, device=args.device, dtype=args.dtype, max_perception_steps=args.max_steps,
+        max_new_tokens=args.max_new_tokens, mode=args.mode,
     )
     result = graph.invoke({"image": image, "q": question})
     if args.trace:

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
 from langchain_core.tools import StructuredTool, ToolException
 from langgraph._internal._runnable import RunnableCallable  # the sync/async node pair LangGraph's ToolNode uses
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -23,7 +24,7 @@ from . import model as vpt_model
 from .configuration import VPTOptions
 from .errors import ConfigError
 from .model.demo import default_model
-from .model.loading import load_tokenizer
+from .model.loading import load_tokenizer, placement
 from .model.tokenizer import special_ids
 from .nodes import VPTNodes
 from .state import InputState, OutputState, VPTState, result_json, with_image_serde
@@ -36,6 +37,8 @@ def build_graph(
     checkpointer: BaseCheckpointSaver | bool | None = None,
     *,
     tokenizer: Any = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     max_batch_rows: int | None = None,
     max_prefill_tokens: int | None = None,
     max_store_bytes: int = DEFAULT_MAX_BYTES,
@@ -44,7 +47,9 @@ def build_graph(
     """The compiled VPT graph: ``graph.invoke({"image": ..., "q": "..."})``.
 
     `model`: a `VPTForConditionalGeneration` (pass its `tokenizer`), a checkpoint directory, or
-    None for the bundled demo model. `options`: `vpt_agent.configuration.VPTOptions` fields, each
+    None for the bundled demo model; `device` and `dtype` place it (a path or the demo model by default
+    on the GPU in bfloat16 when there is one, else on the CPU in float32; a model object stays where it
+    is unless they are given). `options`: `vpt_agent.configuration.VPTOptions` fields, each
     overridable per run in ``config["configurable"]``. A checkpointer is used through a copy
     whose serializer also accepts PIL images and tensors as input.
 
@@ -55,7 +60,7 @@ def build_graph(
     tensors this graph keeps for its runs between nodes (`vpt_agent.store`).
     """
     defaults = VPTOptions.build(**options)
-    model, tokenizer = resolve_model(model, tokenizer)
+    model, tokenizer = resolve_model(model, tokenizer, device=device, dtype=dtype)
     nodes = VPTNodes(model, tokenizer, defaults, VPTStore(max_store_bytes))
     nodes.engine.configure(max_rows=max_batch_rows, max_prefill_tokens=max_prefill_tokens)
     tools = ["crop", *nodes.branches]
@@ -103,21 +108,28 @@ class VPTGraph(CompiledStateGraph):
         return {**default, **(config or {})}
 
 
-def resolve_model(model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from a model object and its tokenizer, a checkpoint directory, or None
-    (the bundled demo model)."""
+def resolve_model(model: Any = None, tokenizer: Any = None, *, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a model object and its tokenizer (moved to `device` / `dtype` if given),
+    a checkpoint directory or None (the bundled demo model), loaded on `device` in `dtype` (default:
+    the GPU in bfloat16 when there is one, else the CPU in float32)."""
     if model is None:
-        return default_model()
+        return default_model(device=device, dtype=dtype)
     if isinstance(model, (str, Path)):
-        return load_model(model)
+        return load_model(model, device=device, dtype=dtype)
     if tokenizer is None:
         raise ConfigError("a model object needs its tokenizer: build_graph(model, tokenizer=...)")
+    if device is not None or dtype is not None:
+        model.to(*placement(device or next(model.parameters()).device, dtype))
     return model, tokenizer
 
 
-def load_model(path: str | Path) -> tuple[Any, Any]:
-    """A VPT checkpoint directory -> (model, tokenizer saved beside it), checked to agree."""
-    model = vpt_model.VPTForConditionalGeneration.from_pretrained(path)
+def load_model(path: str | Path, *, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
+    """A VPT checkpoint directory -> (model on `device` in `dtype`, tokenizer saved beside it), checked
+    to agree; by default on the GPU in bfloat16 when there is one, else on the CPU in float32."""
+    device, dtype = placement(device, dtype)
+    model = vpt_model.VPTForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device)
     tokenizer = load_tokenizer(path)
     ids = special_ids(tokenizer)
     wrong = sorted(f for f in CONFIG_TOKEN_FIELDS if getattr(model.config, f, None) != ids[f])

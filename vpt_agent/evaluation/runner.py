@@ -135,10 +135,7 @@ class Evaluator:
     """One rank's graph, metric and judge."""
 
     def __init__(self, spec: EvalSpec, local_rank: int) -> None:
-        model, tokenizer = resolve_model(spec.model)
-        device = _device(spec.device, local_rank)
-        dtype = getattr(torch, spec.dtype) if spec.dtype else (torch.bfloat16 if device.type == "cuda" else None)
-        model.to(device=device, dtype=dtype)
+        model, tokenizer = resolve_model(spec.model, device=_device(spec.device, local_rank), dtype=spec.dtype)
         self.graph = build_graph(
             model, tokenizer=tokenizer, max_new_tokens=spec.max_new_tokens, max_perception_steps=spec.max_steps,
             **spec.options,

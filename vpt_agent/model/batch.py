@@ -197,8 +197,8 @@ class Batch:
             like = next(c.cache for c in convs if c.cache is not None)
             layers = []
             for layer, (k_like, v_like) in enumerate(like):
-                keys = [_left_pad(c.cache[layer][0] if c.cache else k_like[:, :, :0], past) for c in convs]
-                values = [_left_pad(c.cache[layer][1] if c.cache else v_like[:, :, :0], past) for c in convs]
+                keys = [self._placed(c.cache[layer][0] if c.cache else k_like[:, :, :0], past) for c in convs]
+                values = [self._placed(c.cache[layer][1] if c.cache else v_like[:, :, :0], past) for c in convs]
                 layers.append((torch.cat(keys), torch.cat(values)))
             self._set_layers(layers)
         self.valid = torch.stack([_left_pad_mask(len(c.ids), past) for c in convs]).to(self.device)
@@ -224,13 +224,14 @@ class Batch:
                 raws.append(raw.to(self.device, self.dtype))
                 conds.append(conv.conditions[branch].to(self.device, self.dtype))
             for branch, value in segment.conditions.items():
-                conditions.setdefault(branch, []).append(value)
+                conditions.setdefault(branch, []).append(value.to(self.device, self.dtype))
         self._forward(
             ids.to(self.device), positions.to(self.device),
             torch.stack([_left_pad_mask(len(s.ids), width) for s in segments]).to(self.device),
             pixel_values=pixel_values.to(self.device) if images else None,
             image_grid_thw=grid.to(self.device) if images else None,
-            features={b: self.model.project_branch(b, raws, torch.stack(conds)) for b, (raws, conds) in features.items()},
+            features={b: self.model.project_branch(b, raws, torch.stack(conds))
+                      for b, (raws, conds) in features.items()},
             conditions={b: torch.cat(v) for b, v in conditions.items()},
         )
         for conv, segment, (_, next_pos) in zip(convs, segments, placed):
@@ -304,6 +305,11 @@ class Batch:
         self.logits = torch.cat([self.logits, other.logits])
         self.hidden = torch.cat([self.hidden, other.hidden])
         self.rounds = self.rounds + other.rounds
+
+    def _placed(self, kv: torch.Tensor, length: int) -> torch.Tensor:
+        """A parked cache left-padded to `length`, on the model's device and dtype (which may have
+        changed since it was parked)."""
+        return _left_pad(kv.to(self.device, self.dtype), length)
 
     def _set_layers(self, layers: KV) -> None:
         """Make `layers` the batch cache (the tensors themselves, not copies)."""

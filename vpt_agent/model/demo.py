@@ -34,11 +34,11 @@ def bundled() -> bool:
     return (DEMO_DIR / "config.json").is_file()
 
 
-def default_model():
-    """(model, tokenizer) of the bundled demo model, in eval mode on the CPU."""
+def default_model(device=None, dtype=None):
+    """(model, tokenizer) of the bundled demo model, in eval mode (placed as `load_model` places it)."""
     from ..graph import load_model  # the graph module imports this package
 
     if not bundled():
         raise CheckpointError(f"the bundled demo model is missing from {DEMO_DIR}; reinstall vpt-agent")
-    model, tokenizer = load_model(DEMO_DIR)
+    model, tokenizer = load_model(DEMO_DIR, device=device, dtype=dtype)
     return model.eval(), tokenizer

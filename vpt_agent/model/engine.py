@@ -223,7 +223,7 @@ class Engine:
                         break
                     self._cond.wait(left)
             jobs, self._jobs = list(self._jobs), deque()
-            if self._batch is None:
+            if not self.rows:  # a new batch on an idle engine: the model may have moved since the last one
                 model = self._model()
                 if model is None:
                     self._fail_waiting(VPTError("the model of this engine was deleted"))
