@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from vpt_agent.errors import CheckpointError, ConfigError, InputMismatchError, MissingBranchError
@@ -16,28 +14,13 @@ from vpt_agent.model import VPTConfig, VPTForConditionalGeneration
 from vpt_agent.model.config import DINOV2_LARGE, SAM_VIT_LARGE
 from vpt_agent.model.tiny import tiny_vpt_model
 
+from released import released_checkpoint
+
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 ENCODERS = json.loads((FIXTURES / "encoders.json").read_text())
 TINY_ENCODERS = dict(
     detection_encoder_config=ENCODERS["dino"]["config"], seg_encoder_config=ENCODERS["sam"]["vision_config"]
 )
-
-
-def released_checkpoint(tmp_path: Path, variant: str = "dino", shards: int = 3) -> Path:
-    """The fixture written in the released layout: 4.45 key names in sharded `.bin` pickles + index."""
-    out = tmp_path / variant
-    out.mkdir()
-    shutil.copy(FIXTURES / variant / "config.json", out / "config.json")
-    state = load_file(FIXTURES / variant / "model.safetensors")
-    keys = sorted(state)
-    weight_map = {}
-    for i in range(shards):
-        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        part = {k: state[k] for k in keys[i::shards]}
-        torch.save(part, out / name)
-        weight_map.update({k: name for k in part})
-    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return out
 
 
 def test_released_config_reads_defaults_and_round_trips(tmp_path):
@@ -55,7 +38,7 @@ def test_released_config_reads_defaults_and_round_trips(tmp_path):
 
 
 def test_sharded_bin_checkpoint_loads_like_safetensors(tmp_path):
-    ckpt = released_checkpoint(tmp_path)
+    ckpt = released_checkpoint(tmp_path / "dino")
     from_bin = VPTForConditionalGeneration.from_pretrained(ckpt, **TINY_ENCODERS)
     from_st = VPTForConditionalGeneration.from_pretrained(FIXTURES / "dino", **TINY_ENCODERS)
     for (k1, v1), (k2, v2) in zip(from_bin.state_dict().items(), from_st.state_dict().items()):
@@ -99,7 +82,7 @@ def test_unknown_branch_is_refused():
 
 
 def test_missing_and_misshaped_branch_weights_are_named(tmp_path):
-    ckpt = released_checkpoint(tmp_path, shards=1)
+    ckpt = released_checkpoint(tmp_path / "dino", shards=1)
     state = torch.load(next(ckpt.glob("*.bin")), weights_only=True)
     del state["detection_projector.linear_feature.weight"]
     state["detection_projector.linear_condition.bias"] = torch.zeros(3)
@@ -116,7 +99,7 @@ class _Exploit:
 
 
 def test_code_executing_pickle_is_refused(tmp_path):
-    ckpt = released_checkpoint(tmp_path, shards=1)
+    ckpt = released_checkpoint(tmp_path / "dino", shards=1)
     torch.save({"x": _Exploit()}, next(ckpt.glob("*.bin")))
     with pytest.raises(CheckpointError, match="refused to load"):
         VPTForConditionalGeneration.from_pretrained(ckpt, **TINY_ENCODERS)

@@ -24,12 +24,10 @@ from . import model as vpt_model
 from .configuration import VPTOptions
 from .errors import ConfigError
 from .model.demo import default_model
-from .model.loading import load_tokenizer, placement
-from .model.tokenizer import special_ids
+from .model.loading import load_config, load_tokenizer, placement, resolve_checkpoint_dir
 from .nodes import VPTNodes
 from .state import InputState, OutputState, VPTState, result_json, with_image_serde
 from .store import DEFAULT_MAX_BYTES, VPTStore
-from .tokens import CONFIG_TOKEN_FIELDS
 
 
 def build_graph(
@@ -129,13 +127,9 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
     """A VPT checkpoint directory -> (model on `device` in `dtype`, tokenizer saved beside it), checked
     to agree; by default on the GPU in bfloat16 when there is one, else on the CPU in float32."""
     device, dtype = placement(device, dtype)
-    model = vpt_model.VPTForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device)
-    tokenizer = load_tokenizer(path)
-    ids = special_ids(tokenizer)
-    wrong = sorted(f for f in CONFIG_TOKEN_FIELDS if getattr(model.config, f, None) != ids[f])
-    if wrong:
-        raise ConfigError(f"the tokenizer in {path} disagrees with the model config on {wrong}")
-    return model, tokenizer
+    path = resolve_checkpoint_dir(path)
+    tokenizer = load_tokenizer(path, load_config(path))  # a bad tokenizer fails before any weight is read
+    return vpt_model.VPTForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device), tokenizer
 
 
 class LookInput(BaseModel):

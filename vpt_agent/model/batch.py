@@ -213,7 +213,8 @@ class Batch:
         # images, features and conditions in row order, as the model scatters them
         images = [image for segment in segments for image in segment.images]
         if images:
-            pixel_values, grid = qwen_pixel_values(images, max_pixels=self.model.config.image_max_pixels)
+            pixel_values, grid = qwen_pixel_values(images, self.model.image_processor,
+                                                 max_pixels=self.model.config.image_max_pixels)
             if not torch.equal(grid, torch.stack([g for c, s in zip(convs, segments) for g in c.grids(s)])):
                 raise VPTError("an image was encoded at another size than its conversation planned")
         features: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}

@@ -195,8 +195,9 @@ class Conversation:
 
     def _grid(self, image: torch.Tensor) -> torch.Tensor:
         """The (3,) Qwen2-VL grid `image` will have, from its size."""
-        size = qwen_size(image.shape[1], image.shape[2], max_pixels=self.model.config.image_max_pixels)
-        return qwen_grid(size)
+        processor = self.model.image_processor
+        size = qwen_size(image.shape[1], image.shape[2], processor, max_pixels=self.model.config.image_max_pixels)
+        return qwen_grid(size, processor)
 
     def _queue(self, segment: Segment) -> None:
         if not self.ids:

@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from transformers import Qwen2VLImageProcessor
 
 from ..errors import CheckpointError, ConfigError
 from ..perception.dino import convert_hf_dinov2_state_dict
 from ..perception.sam import convert_hf_sam_vision_state_dict
+from ..tokens import ALL_SPECIAL_TOKENS, CONFIG_TOKEN_FIELDS
 from .config import VPTConfig
 from .projectors import UNUSED_PROJECTOR_KEYS
 
@@ -39,9 +41,11 @@ def resolve_checkpoint_dir(path_or_id: str | Path) -> Path:
         raise CheckpointError(f"could not fetch '{path_or_id}' from the hub: {exc}") from exc
 
 
-def load_tokenizer(path_or_id: str | Path):
-    """The checkpoint's tokenizer with every VPT token registered (a released checkpoint's
-    added_tokens.json already has them; a plain Qwen2-VL tokenizer gains them)."""
+def load_tokenizer(path_or_id: str | Path, config: VPTConfig | None = None):
+    """The checkpoint's tokenizer, never extended: every VPT token must already be in it (a
+    `CheckpointError` names the missing ones); they are marked special, which adds no id. With the
+    model's `config`, each config token-id field must name its token and the tokenizer must fit the
+    embedding (`len(tokenizer) <= vocab_size`)."""
     from transformers import AutoTokenizer
 
     from .tokenizer import add_vpt_tokens
@@ -51,8 +55,55 @@ def load_tokenizer(path_or_id: str | Path):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} holds no loadable tokenizer: {str(exc).splitlines()[0]}") from exc
-    add_vpt_tokens(tokenizer)
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in ALL_SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        raise CheckpointError(
+            f"the tokenizer in {path} lacks the VPT tokens {missing}: a VPT checkpoint's tokenizer holds "
+            "them all (vpt-agent never adds tokens to a released tokenizer)"
+        )
+    add_vpt_tokens(tokenizer)  # marks present tokens special; adds nothing
+    if config is not None:
+        wrong = sorted(f for f, token in CONFIG_TOKEN_FIELDS.items() if getattr(config, f, None) != vocab[token])
+        if wrong:
+            shown = ", ".join(f"{f}={getattr(config, f, None)} ({CONFIG_TOKEN_FIELDS[f]} is {vocab[CONFIG_TOKEN_FIELDS[f]]})"
+                              for f in wrong)
+            raise CheckpointError(f"the tokenizer in {path} disagrees with the model config on {wrong}: {shown}")
+        if len(tokenizer) > config.text_config.vocab_size:
+            raise CheckpointError(
+                f"the tokenizer in {path} has {len(tokenizer)} tokens, more than the model's "
+                f"vocab_size {config.text_config.vocab_size}"
+            )
     return tokenizer
+
+
+def load_image_processor(path: Path, config: VPTConfig) -> Qwen2VLImageProcessor:
+    """The checkpoint's `preprocessor_config.json` when present (min/max pixels, mean/std), else
+    transformers' Qwen2-VL defaults; its patch, merge and temporal patch must be the vision tower's.
+    The paper's regularisation (longer side <= 512) is applied before it either way."""
+    vision = config.vision_config
+    if not (path / "preprocessor_config.json").is_file():
+        return image_processor_for(config)
+    try:
+        processor = Qwen2VLImageProcessor.from_pretrained(path)
+    except Exception as exc:  # invalid JSON or fields: transformers raises several types
+        raise CheckpointError(f"{path / 'preprocessor_config.json'} is not a Qwen2-VL image processor config: "
+                              f"{' '.join(str(exc).split())}") from exc
+    wrong = [f"{name}={getattr(processor, name)} (vision tower: {getattr(vision, field)})"
+             for name, field in _PROCESSOR_FIELDS if getattr(processor, name) != getattr(vision, field)]
+    if wrong:
+        raise CheckpointError(f"{path / 'preprocessor_config.json'} disagrees with config.json: {', '.join(wrong)}")
+    return processor
+
+
+def image_processor_for(config: VPTConfig) -> Qwen2VLImageProcessor:
+    """transformers' Qwen2-VL image processor with the vision tower's patch, merge and temporal patch."""
+    vision = config.vision_config
+    return Qwen2VLImageProcessor(**{name: getattr(vision, field) for name, field in _PROCESSOR_FIELDS})
+
+
+_PROCESSOR_FIELDS = (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                     ("temporal_patch_size", "temporal_patch_size"))
 
 
 def load_config(path: Path, **overrides: Any) -> VPTConfig:

@@ -26,7 +26,9 @@ from .config import VPTConfig
 from .loading import (
     check_state_dict,
     convert_state_dict,
+    image_processor_for,
     load_config,
+    load_image_processor,
     read_state_dict,
     resolve_checkpoint_dir,
     resolve_device,
@@ -55,6 +57,8 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
     def __init__(self, config: VPTConfig) -> None:
         config.validate_vpt()
         super().__init__(config)
+        self.image_processor = image_processor_for(config)
+        """Qwen2-VL image processing (a checkpoint's own `preprocessor_config.json` once loaded)."""
         hidden = config.text_config.hidden_size
         for branch in config.branches:
             prefix = BRANCHES[branch].prefix
@@ -99,16 +103,18 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
                  for key, value in state.items()}  # one owned copy each, in the target dtype
         model.load_state_dict(state, strict=False, assign=True)
         del state
+        model.image_processor = load_image_processor(path, config)
         if config.tie_word_embeddings:
             model.tie_weights()
         _materialize_buffers(model, device)
         return model.eval()
 
     def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
-        """Write `config.json` and `model.safetensors` (this library's key names)."""
+        """Write `config.json`, `preprocessor_config.json` and `model.safetensors` (this library's key names)."""
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)

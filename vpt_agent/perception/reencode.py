@@ -29,7 +29,7 @@ def branch_features(model, branch: str, images: Sequence[torch.Tensor]) -> list[
     param = next(model.parameters())
     images = [image.to(param.device) for image in images]
     if branch == "clip":
-        pixel_values, grid = qwen_pixel_values(images, max_pixels=model.config.image_max_pixels)
+        pixel_values, grid = qwen_pixel_values(images, model.image_processor, max_pixels=model.config.image_max_pixels)
         return model.encode_branch(branch, pixel_values.to(param.dtype), grid)
     preprocess = preprocess_dino if branch == "dino" else preprocess_sam
     return model.encode_branch(branch, torch.stack([preprocess(image) for image in images]).to(param.dtype))
