@@ -93,9 +93,9 @@ def test_options_reach_the_graph(monkeypatch, checkpoint, image_path, capsys):
     monkeypatch.setattr(graph_module, "build_graph", spy)
     argv = ["ask", str(image_path), "Q?", "--model", str(checkpoint)]
     argv += ["--max-steps", "0", "--mode", "direct", "--max-new-tokens", "3", "--device", "cpu", "--dtype", "bfloat16"]
-    main(argv)  # random weights: an answer or a malformed one
+    main([*argv, "--compile"])  # random weights: an answer or a malformed one
     assert seen == {"model": str(checkpoint), "max_perception_steps": 0, "mode": "direct", "max_new_tokens": 3,
-                    "device": "cpu", "dtype": "bfloat16"}
+                    "device": "cpu", "dtype": "bfloat16", "compile": True}
 
 
 def test_without_a_model_the_demo_model_answers(image_path, capsys):

@@ -87,10 +87,10 @@ class Scripted:
         return False
 
 
-def drive(model, scripted: list[Scripted], join_steps: list[int]) -> None:
-    """All conversations in one batch: each joins at its step, and after each round its next round
-    joins at the next step, while the others decode."""
-    batch, step, owners = Batch(model), 0, {}
+def drive(model, scripted: list[Scripted], join_steps: list[int], decoder=None) -> None:
+    """All conversations in one batch (decoding over `decoder`'s static cache if given): each joins at
+    its step, and after each round its next round joins at the next step, while the others decode."""
+    batch, step, owners = Batch(model, decoder), 0, {}
     due = dict(enumerate(join_steps))
     with torch.no_grad():
         while due or batch.rounds:

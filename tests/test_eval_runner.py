@@ -192,6 +192,6 @@ def test_a_dataset_or_synthetic(argv, capsys):
     assert "give a dataset file or --synthetic" in capsys.readouterr().err
 
 
-def test_eval_in_bfloat16(checkpoint, tmp_path):
-    assert _eval(TEXTVQA, tmp_path, checkpoint, "--dtype", "bfloat16", "--device", "cpu") == 0
+def test_eval_in_bfloat16_on_the_static_cache(checkpoint, tmp_path):
+    assert _eval(TEXTVQA, tmp_path, checkpoint, "--dtype", "bfloat16", "--device", "cpu", "--compile") == 0
     assert len(_lines(tmp_path)) == 3

@@ -17,10 +17,20 @@ import pytest
 import torch
 from PIL import Image
 
+from released import released_vpt_model
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DATASETS = ROOT / "tests" / "fixtures" / "vpt_datasets"
 OURS = README[README.index("## CLI") : README.index("## The model")]  # the graph sections
-MODEL_PYTHON = re.findall(r"```python\n(.*?)```", README[README.index("## The model") :], flags=re.S)
+
+def section(title: str) -> str:
+    start = README.index(f"## {title}\n")
+    return README[start : README.index("\n## ", start + 1)]
+
+
+MODEL_PYTHON = re.findall(r"```python\n(.*?)```", section("The model"), flags=re.S)
+RELEASED = re.findall(r"```(python|bash)\n(.*?)```", section("Use the released models"), flags=re.S)
 BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", OURS, flags=re.S)
 PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 COMMANDS = [
@@ -101,3 +111,28 @@ def test_readme_model_loading_example(tmp_path):
     ns, _ = _run(code.replace("path/to/Qwen2-VL-2b-VPT-Det", str(tmp_path)))  # as written: no GPU needed
     assert ns["model"].dtype == torch.bfloat16
     assert ns["tokenizer"].convert_tokens_to_ids("<|x_0|>") == tokenizer.convert_tokens_to_ids("<|x_0|>")
+
+
+def test_readme_released_models_section(photo_dir, tmp_path_factory, monkeypatch, capsys):
+    """Every snippet of "Use the released models" as written, on the CPU, with a random checkpoint in
+    the released layout standing in for the hub's (the hub is unreachable here)."""
+    import huggingface_hub
+
+    from vpt_agent.cli import main
+
+    hub = released_vpt_model(tmp_path_factory.mktemp("hub") / "Qwen2-VL-2b-VPT-Det")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **_: asked.append(repo_id) or str(hub))
+    shutil.copytree(DATASETS, photo_dir, dirs_exist_ok=True)
+    python = [code for lang, code in RELEASED if lang == "python"]
+    commands = [line for lang, code in RELEASED if lang == "bash" for line in code.splitlines()]
+    assert len(python) == 2 and len(commands) == 2
+
+    ns, printed = _run(python[0] + python[1])  # one session, as a reader goes on
+    assert ns["result"]["answer"] and not ns["result"]["error"]
+    assert printed.endswith("\n" + ns["result"]["answer"] + "\n")  # the static cache answers the same
+
+    for command in commands:
+        assert main(shlex.split(command)[1:] + (["--no-progress"] if " eval " in command else [])) == 0
+    assert (photo_dir / "runs" / "textvqa" / "summary.json").is_file()
+    assert asked == ["rp-yu/Qwen2-VL-2b-VPT-Det"] * 3

@@ -3,11 +3,15 @@ reference-style recompute, side by side in one run.
 
     python tools/bench_session.py                          # tiny model, CPU
     python tools/bench_session.py --arch 2b --device cuda --dtype bfloat16   # Qwen2-VL-2B shapes
+    python tools/bench_session.py --arch 2b --device cuda --dtype bfloat16 --compile   # + static cache, CUDA graphs
 
 Every variant produces the same number of tokens: the answer is teacher-forced (`forced=`) to
 `--answer-tokens` tokens, so random weights cannot stop early; each step still runs the full
 forward. The reference-style baseline recomputes the whole conversation for every new token with
 two inner passes (the paper's `num_inner_forward_run = 2`, whose first pass runs at every step).
+With `--compile` the plain and VPT answers also run decoding over the static cache with compiled
+steps (`compile=True`); their first (warm-up) run, which pays the compilation, is printed too.
+Load time and peak memory while loading: `tools/bench_loading.py`.
 """
 from __future__ import annotations
 
@@ -71,6 +75,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=None, help="override LLM and ViT depth (smoke tests)")
+    parser.add_argument("--compile", action="store_true", help="also the compiled static-cache decoding")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -91,28 +96,30 @@ def main() -> None:
         phases.setdefault(name, []).append(now - since)
         return now
 
-    def plain():
+    def plain(compile: bool = False):
+        tag = "compiled " if compile else ""
         t = time.perf_counter()
-        session = VPTSession(model, tokenizer)
+        session = VPTSession(model, tokenizer, compile=compile)
         session.start([image], [question])
         session.generate(1, forced={0: answer[:1]})
-        t = mark("plain: prefill + 1st token", t)
+        t = mark(f"{tag}plain: prefill + 1st token", t)
         session.generate(len(answer) - 1, forced={0: answer[1:]})
-        mark("plain: rest of answer", t)
+        mark(f"{tag}plain: rest of answer", t)
 
-    def vpt_region():
+    def vpt_region(compile: bool = False):
+        tag = "compiled " if compile else ""
         t = time.perf_counter()
-        session = VPTSession(model, tokenizer)
+        session = VPTSession(model, tokenizer, compile=compile)
         session.start([image], [question])
         session.generate(1, forced={0: region[:1]})
-        t = mark("vpt: prefill + 1st token", t)
+        t = mark(f"{tag}vpt: prefill + 1st token", t)
         session.generate(len(region) - 1, forced={0: region[1:]})
-        t = mark("vpt: region tokens", t)
+        t = mark(f"{tag}vpt: region tokens", t)
         session.add_regions(0, [crop(image, box)])
         session.generate(1, forced={0: answer[:1]})
-        t = mark("vpt: crop turn + 1st answer token", t)
+        t = mark(f"{tag}vpt: crop turn + 1st answer token", t)
         session.generate(len(answer) - 1, forced={0: answer[1:]})
-        mark("vpt: rest of answer", t)
+        mark(f"{tag}vpt: rest of answer", t)
         return session.conversation(0)
 
     conversation = vpt_region()
@@ -133,11 +140,19 @@ def main() -> None:
             for _ in range(model.config.num_inner_forward_run):
                 model(**kwargs)
 
-    results = {}
+    variants = [("plain answer", plain), ("VPT region, KV reuse", vpt_region),
+                ("VPT region, reference recompute", reference)]
+    if args.compile:
+        variants += [("plain answer, compiled", lambda: plain(True)),
+                     ("VPT region, compiled", lambda: vpt_region(True))]
+    results, warm_up = {}, {}
     with torch.no_grad():
-        for name, fn in (("plain answer", plain), ("VPT region, KV reuse", vpt_region),
-                         ("VPT region, reference recompute", reference)):
-            fn()  # warm-up
+        for name, fn in variants:
+            sync(device)
+            start = time.perf_counter()
+            fn()  # warm-up (the compiled variants compile here)
+            sync(device)
+            warm_up[name] = time.perf_counter() - start
             times = []
             for _ in range(args.runs):
                 sync(device)
@@ -154,6 +169,11 @@ def main() -> None:
         print(f"  {name:34s} median {seconds * 1000:9.1f} ms   {seconds / base:5.2f}x plain")
     ratio = results["VPT region, reference recompute"] / results["VPT region, KV reuse"]
     print(f"  KV reuse is {ratio:.2f}x faster than the reference-style recompute")
+    if args.compile:
+        compiled = results["VPT region, compiled"]
+        print(f"  compiled: VPT region {compiled / results['plain answer, compiled']:.2f}x the compiled plain answer, "
+              f"{results['VPT region, reference recompute'] / compiled:.2f}x faster than the reference recompute; "
+              f"warm-up runs {warm_up['plain answer, compiled']:.1f} s (plain) + {warm_up['VPT region, compiled']:.1f} s (VPT)")
     print("  phases (median ms): " + ", ".join(f"{k} {statistics.median(v) * 1000:.1f}" for k, v in phases.items()))
 
 

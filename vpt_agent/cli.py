@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .errors import ConfigError, VPTError
-from .evaluation.cli import add_eval_parser, run_eval
+from .evaluation.cli import add_eval_parser, add_placement_arguments, run_eval
 
 PROG = "vpt-agent"
 
@@ -38,9 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--trace", metavar="PNG", help="draw the regions, crops, question and answer to this file")
     ask.add_argument("--max-steps", type=int, default=2, metavar="N", help="perception steps allowed (default 2)")
     ask.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens per round (default 64)")
-    ask.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one, else the CPU)")
-    ask.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                     help="model weights (default: bfloat16 on a GPU, float32 on the CPU)")
+    add_placement_arguments(ask, "the GPU if there is one, else the CPU")
     ask.add_argument(
         "--mode", choices=("region", "reencode", "free", "direct"), default="region",
         help="prompt: the paper's region / reencode suffix, free (no suffix) or direct (no perception)",
@@ -87,7 +85,7 @@ def _ask(args: argparse.Namespace) -> int:
     image = load_image(args.image)  # fail fast, before loading the model
     question = validate_question(args.question)
     graph = build_graph(
-        args.model, device=args.device, dtype=args.dtype, max_perception_steps=args.max_steps,
+        args.model, device=args.device, dtype=args.dtype, compile=args.compile, max_perception_steps=args.max_steps,
         max_new_tokens=args.max_new_tokens, mode=args.mode,
     )
     result = graph.invoke({"image": image, "q": question})

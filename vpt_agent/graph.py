@@ -39,6 +39,7 @@ def build_graph(
     dtype: str | torch.dtype | None = None,
     max_batch_rows: int | None = None,
     max_prefill_tokens: int | None = None,
+    compile: bool | None = None,
     max_store_bytes: int = DEFAULT_MAX_BYTES,
     **options: Any,
 ) -> VPTGraph:
@@ -54,13 +55,15 @@ def build_graph(
     Concurrent runs of every graph on one model share its batching engine
     (`vpt_agent.model.engine`): `max_batch_rows` (default 64) bounds the rows of one model step and
     `max_prefill_tokens` (default 16384) the new tokens admitted at once; beyond them rounds queue.
+    `compile=True` decodes over a static KV cache with steps compiled once per shape bucket (CUDA
+    graphs; on the CPU the same static steps run eagerly, no faster).
     Set here, they apply to the model's engine, for every graph on it. `max_store_bytes` bounds the
     tensors this graph keeps for its runs between nodes (`vpt_agent.store`).
     """
     defaults = VPTOptions.build(**options)
     model, tokenizer = resolve_model(model, tokenizer, device=device, dtype=dtype)
     nodes = VPTNodes(model, tokenizer, defaults, VPTStore(max_store_bytes))
-    nodes.engine.configure(max_rows=max_batch_rows, max_prefill_tokens=max_prefill_tokens)
+    nodes.engine.configure(max_rows=max_batch_rows, max_prefill_tokens=max_prefill_tokens, compile=compile)
     tools = ["crop", *nodes.branches]
 
     builder = StateGraph(VPTState, input_schema=InputState, output_schema=OutputState)

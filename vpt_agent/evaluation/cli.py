@@ -41,13 +41,21 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=int, default=2, metavar="N", help="perception steps allowed (default 2)")
     parser.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N",
                         help="tokens per round (default 64)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: each rank's GPU, else the CPU)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="model weights (default: bfloat16 on a GPU, float32 on the CPU)")
+    add_placement_arguments(parser, "each rank's GPU, else the CPU")
     parser.add_argument("--judge", metavar="URL",
                         help="also score with an LLM judge at this OpenAI-compatible endpoint (key: OPENAI_API_KEY)")
     parser.add_argument("--judge-model", default="gpt-4o", metavar="NAME", help="the judge's model (default gpt-4o)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser, default_device: str) -> None:
+    """--device, --dtype and --compile (of `ask` and `eval`)."""
+    parser.add_argument("--device", help=f"cpu, cuda, cuda:1, ... (default: {default_device})")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="model weights (default: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode over a static KV cache with compiled steps (CUDA graphs; on the CPU no faster; "
+                             "the first answers pay the compilation)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -63,7 +71,7 @@ def run_eval(args: argparse.Namespace) -> int:
         modes, metric = modes or list(PROMPT_SUFFIXES), metric or "exact"
     spec = EvalSpec(
         model=args.model, metric=metric, max_new_tokens=args.max_new_tokens, max_steps=args.max_steps,
-        batch_size=args.batch_size, device=args.device, dtype=args.dtype, judge_url=args.judge,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, compile=args.compile, judge_url=args.judge,
         judge_model=args.judge_model,
     )
     summary = evaluate(dataset, args.out, modes=modes, limit=args.limit, workers=args.workers, spec=spec,

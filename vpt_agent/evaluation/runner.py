@@ -61,6 +61,8 @@ class EvalSpec:
     """None: the rank's GPU if there is one, else the CPU."""
     dtype: str | None = None
     """None: bfloat16 on a GPU, float32 on the CPU."""
+    compile: bool = False
+    """Decode over a static KV cache with compiled steps (`vpt_agent.model.static_decode`)."""
     judge_url: str | None = None
     judge_model: str = "gpt-4o"
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -138,7 +140,7 @@ class Evaluator:
         model, tokenizer = resolve_model(spec.model, device=_device(spec.device, local_rank), dtype=spec.dtype)
         self.graph = build_graph(
             model, tokenizer=tokenizer, max_new_tokens=spec.max_new_tokens, max_perception_steps=spec.max_steps,
-            **spec.options,
+            compile=spec.compile, **spec.options,
         )
         self.metric = METRICS[spec.metric]
         self.judge = OpenAIJudge(spec.judge_url, spec.judge_model) if spec.judge_url else None

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from ..errors import InputMismatchError, VPTError
 from ..perception.qwen_image import qwen_pixel_values
 from .conversation import KV, Conversation, Stop, Turn
+from .static_decode import StaticDecoder
 
 
 @dataclass(eq=False)
@@ -78,8 +79,9 @@ class Round:
 class Batch:
     """Rows (one `Round` each) decoding together over one padded KV cache; see the module docstring."""
 
-    def __init__(self, model) -> None:
-        self.model = model
+    def __init__(self, model, decoder: StaticDecoder | None = None) -> None:
+        """`decoder`: decode steps over its static cache (`static_decode`) instead of the dynamic one."""
+        self.model, self.decoder = model, decoder
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.rounds: list[Round] = []
@@ -176,8 +178,14 @@ class Batch:
         ids = torch.tensor(tokens, device=self.device)[:, None]
         positions = torch.tensor([c.next_pos for c in convs], device=self.device).view(1, rows, 1).expand(3, -1, -1)
         hidden = self.hidden
-        self._forward(ids, positions, torch.ones(rows, 1, dtype=torch.bool, device=self.device),
-                      conditions={b: torch.stack(v) for b, v in conditions.items()})
+        conditions = {b: torch.stack(v) for b, v in conditions.items()}
+        if self.decoder is not None:
+            layers, self.valid, self.logits, self.hidden = self.decoder.step(
+                self.cache, self.valid, self.model.token_embeds(ids, conditions), positions)
+            self._set_layers(layers)
+        else:
+            self._forward(ids, positions, torch.ones(rows, 1, dtype=torch.bool, device=self.device),
+                          conditions=conditions)
         for i, (conv, token) in enumerate(zip(convs, tokens)):
             conv.ids.append(token)
             conv.next_pos += 1

@@ -41,6 +41,7 @@ from ..errors import ConfigError, VPTError
 from ..perception.reencode import branch_features
 from .batch import Batch, Round
 from .conversation import Turn
+from .static_decode import static_decoder
 
 Tokens = Callable[[Sequence[int]], None]
 """Receives the tokens a round generated since the last call."""
@@ -70,13 +71,19 @@ class Engine:
         idle_seconds: float = 2.0,
     ):
         self._model = weakref.ref(model)
+        self.compile = False
         self.gather_seconds, self.flush_seconds, self.idle_seconds = gather_seconds, flush_seconds, idle_seconds
         self.configure(max_rows=max_rows, max_prefill_tokens=max_prefill_tokens)
         self._reset()
 
-    def configure(self, *, max_rows: int | None = None, max_prefill_tokens: int | None = None) -> None:
+    def configure(self, *, max_rows: int | None = None, max_prefill_tokens: int | None = None,
+                  compile: bool | None = None) -> None:
         """Rows decoded together at most, and new tokens prefilled per admission at most (a round
-        longer than that is admitted alone). Affects every graph on this model from the next step."""
+        longer than that is admitted alone); `compile`: decode over a static cache with compiled steps
+        (`static_decode`; on the CPU the same steps, eagerly). Affects every graph on this model from
+        its next batch."""
+        if compile is not None:
+            self.compile = bool(compile)
         for name, value in (("max_rows", max_rows), ("max_prefill_tokens", max_prefill_tokens)):
             if value is not None:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -232,7 +239,7 @@ class Engine:
                         job.done.set()
                     self._thread = None
                     return None
-                self._batch = Batch(model)
+                self._batch = Batch(model, static_decoder(model) if self.compile else None)
             newcomers, tokens = [], 0
             while self._waiting and len(self._batch) + len(newcomers) < self.max_rows:
                 round_ = self._waiting[0]

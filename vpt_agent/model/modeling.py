@@ -177,6 +177,11 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
             embeds = _scatter(embeds, input_ids == self.config.image_token_id, feats, "<|image_pad|>")
         return embeds
 
+    def token_embeds(self, input_ids: torch.LongTensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings of generated tokens (decode steps): an action token's is its conditioning vector."""
+        actions = {b: input_ids == getattr(self.config, BRANCHES[b].action_field) for b in conditions}
+        return _conditioned(self.embed(input_ids), actions, conditions)
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -229,9 +234,7 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
         embeds = self._inject(input_ids, embeds, raw, injected, conditions)
         if cfg.para_mask_id and conditions:
             embeds = _para_mask(input_ids, embeds, actions, cfg)
-        for branch, cond in conditions.items():
-            embeds = _scatter(embeds, actions[branch], cond, f"<|{BRANCHES[branch].prefix}_action|>")
-
+        embeds = _conditioned(embeds, actions, conditions)
         out = self.model.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -304,6 +307,14 @@ def _materialize_buffers(model: VPTForConditionalGeneration, device: torch.devic
             model._init_weights(module)
     if missing := [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]:
         raise CheckpointError(f"the checkpoint holds no weights for {missing[:8]}")
+
+
+def _conditioned(embeds: torch.Tensor, actions: dict[str, torch.Tensor], conditions: dict[str, torch.Tensor]
+                 ) -> torch.Tensor:
+    """Each branch's action-token embeddings <- its conditioning vectors."""
+    for branch, cond in conditions.items():
+        embeds = _scatter(embeds, actions[branch], cond, f"<|{BRANCHES[branch].prefix}_action|>")
+    return embeds
 
 
 def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:

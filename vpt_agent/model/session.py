@@ -19,6 +19,7 @@ from ..prompts import DEFAULT_SYSTEM
 from .batch import Batch, Round
 from .conversation import ChatIds, Conversation, Turn
 from .modeling import VPTForConditionalGeneration
+from .static_decode import static_decoder
 
 
 class VPTSession:
@@ -31,14 +32,17 @@ class VPTSession:
         *,
         system_prompt: str = DEFAULT_SYSTEM,
         suppress: Sequence[int] = (),
+        compile: bool = False,
     ):
         """``suppress``: more token ids greedy decoding never picks (the graph's direct mode passes
-        the action start tokens); placeholder tokens are always suppressed."""
+        the action start tokens); placeholder tokens are always suppressed. ``compile``: decode over a
+        static cache with compiled steps (`vpt_agent.model.static_decode`)."""
         if model.config.para_mask_id:
             raise ConfigError("para_mask_id is a training option; set it to 0 to run a session")
         self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
         self.chat = ChatIds.of(model.config, tokenizer)
         self.suppress = tuple(suppress)
+        self.compile = compile
         self.rows: list[Conversation] = []
         self._finished: set[int] = set()
 
@@ -102,7 +106,7 @@ class VPTSession:
             if i not in self._finished and conversation.can_continue():
                 rounds[i] = Round(conversation, max_new_tokens, forced=forced.get(i, ()), suppress=self.suppress,
                                   on_token=_texts(on_text, i, self.tokenizer))
-        batch = Batch(self.model)
+        batch = Batch(self.model, static_decoder(self.model) if self.compile else None)
         with torch.no_grad():
             ended = batch.join(list(rounds.values()))
             while batch.rounds:
