@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
+import vpt_agent.graph as graph_module
 from vpt_agent.model.tiny import tiny_vpt_model
+from vpt_agent.store import VPTStore
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +18,17 @@ def checkpoint(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def stores(monkeypatch) -> list[VPTStore]:
+    """Every `VPTStore` the graphs built in the test make, in order (to check what runs leave behind)."""
+    made: list[VPTStore] = []
+
+    class RecordingStore(VPTStore):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(graph_module, "VPTStore", RecordingStore)
+    return made

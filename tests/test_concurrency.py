@@ -18,11 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-import vpt_agent.graph as graph_module
 from vpt_agent import build_graph
 from vpt_agent.model.engine import engine_for
 from vpt_agent.model.tiny import tiny_vpt_model
-from vpt_agent.store import VPTStore
 
 THREADS, QUESTIONS = 8, 50
 REGION = "<|region_token_start|><|x_{}|><|y_{}|><|region_token_end|><|im_end|>"
@@ -65,15 +63,7 @@ def one_thread_per_op():
     torch.set_num_threads(before)
 
 
-def test_threads_and_batch_give_single_threaded_answers(one_thread_per_op, monkeypatch):
-    stores: list[VPTStore] = []
-
-    class RecordingStore(VPTStore):
-        def __init__(self, *args) -> None:
-            super().__init__(*args)
-            stores.append(self)
-
-    monkeypatch.setattr(graph_module, "VPTStore", RecordingStore)
+def test_threads_and_batch_give_single_threaded_answers(one_thread_per_op, stores):
     model, tokenizer = tiny_vpt_model()
     graph = build_graph(model, tokenizer=tokenizer, max_new_tokens=4)
     runs = questions()

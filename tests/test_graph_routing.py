@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from langgraph.checkpoint.memory import InMemorySaver
 
-import vpt_agent.graph as graph_module
 from vpt_agent.errors import ConfigError
 from vpt_agent.graph import build_graph
 from vpt_agent.images import load_image
@@ -92,18 +91,10 @@ class ScriptedEngine:
 
 
 @pytest.fixture
-def scripted(monkeypatch):
+def scripted(monkeypatch, stores):
     """`make(script, branches=..., **options)` -> a graph on the scripted model; the store list."""
-    stores: list[VPTStore] = []
-
-    class RecordingStore(VPTStore):
-        def __init__(self, *args) -> None:
-            super().__init__(*args)
-            stores.append(self)
-
     monkeypatch.setattr("vpt_agent.nodes.Conversation", ScriptedConversation)
     monkeypatch.setattr("vpt_agent.nodes.engine_for", lambda model: ScriptedEngine())
-    monkeypatch.setattr(graph_module, "VPTStore", RecordingStore)
     LOG.clear()
 
     def make(script, branches=("dino", "sam", "clip"), checkpointer=None, **options):

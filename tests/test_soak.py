@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-import vpt_agent.graph as graph_module
 from vpt_agent import build_graph
 from vpt_agent.model.engine import engine_for
 from vpt_agent.model.tiny import tiny_vpt_model
-from vpt_agent.store import VPTStore
 
 RUNS, THREADS, WARM_UP, CHUNK = 500, 16, 100, 100
 MODEL_OUTPUT_ERRORS = {"BadModelOutputError", "PerceptionLimitError", "MissingBranchError"}
@@ -32,15 +30,7 @@ def resident_mib() -> float:
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
 
 
-def test_memory_is_flat_under_load(monkeypatch):
-    stores: list[VPTStore] = []
-
-    class RecordingStore(VPTStore):
-        def __init__(self, *args) -> None:
-            super().__init__(*args)
-            stores.append(self)
-
-    monkeypatch.setattr(graph_module, "VPTStore", RecordingStore)
+def test_memory_is_flat_under_load(stores):
     model, tokenizer = tiny_vpt_model(branches=("dino", "clip"))
     graph = build_graph(model, tokenizer=tokenizer, max_new_tokens=4)
     rng = np.random.default_rng(0)

@@ -58,6 +58,8 @@ class VPTStore:
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
         self._runs: OrderedDict[str, RunCache] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        """Bytes of each run as its last node left it (a run changes only while a node uses it)."""
         self._in_use: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -71,16 +73,20 @@ class VPTStore:
         try:
             yield cache
         finally:
+            size = _nbytes(cache)
             with self._lock:
                 self._in_use[run_id] -= 1
                 if not self._in_use[run_id]:
                     del self._in_use[run_id]
+                if self._runs.get(run_id) is cache:
+                    self._sizes[run_id] = size
                 self._evict()
 
     def drop(self, run_id: str) -> None:
         """Free a run's tensors (a node using it keeps its own reference until it ends)."""
         with self._lock:
             self._runs.pop(run_id, None)
+            self._sizes.pop(run_id, None)
 
     def nbytes(self) -> int:
         """Bytes of tensor storage the store holds."""
@@ -89,13 +95,12 @@ class VPTStore:
 
     def _evict(self) -> None:
         """With the lock held: idle runs, oldest first, until under the bound."""
-        sizes = {run_id: _nbytes(cache) for run_id, cache in self._runs.items()}
-        total = sum(sizes.values())
+        total = sum(self._sizes.values())
         for run_id in [run_id for run_id in self._runs if run_id not in self._in_use]:
             if total <= self.max_bytes:
                 break
             del self._runs[run_id]
-            total -= sizes[run_id]
+            total -= self._sizes.pop(run_id, 0)
 
     def __contains__(self, run_id: str) -> bool:
         with self._lock:

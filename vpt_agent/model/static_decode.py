@@ -87,9 +87,7 @@ class StaticDecoder:
     def _load(self, bucket: _Bucket, cache, valid: torch.Tensor) -> None:
         """Copy the batch's layers and valid mask into the bucket (columns 0..n-1)."""
         rows, n = valid.shape
-        for layer, source in zip(bucket.cache.layers, cache.layers):
-            layer.keys.zero_()
-            layer.values.zero_()
+        for layer, source in zip(bucket.cache.layers, cache.layers):  # other columns are masked: left as they are
             layer.keys[:rows, :, :n] = source.keys
             layer.values[:rows, :, :n] = source.values
             layer.cumulative_length.fill_(n)
