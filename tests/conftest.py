@@ -1,9 +1,12 @@
 """Fixtures shared by several test files."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg_server import server_bindir, throwaway_postgres
 
 import vpt_agent.graph as graph_module
 from vpt_agent.model.tiny import tiny_vpt_model
@@ -32,3 +35,22 @@ def stores(monkeypatch) -> list[VPTStore]:
 
     monkeypatch.setattr(graph_module, "VPTStore", RecordingStore)
     return made
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A PostgreSQL connection string: $VPT_TEST_POSTGRES_DSN, else a throwaway server started for the
+    session (`pg_server.throwaway_postgres`). Without server binaries the tests skip, or fail when
+    VPT_REQUIRE_POSTGRES=1 (CI)."""
+    if dsn := os.environ.get("VPT_TEST_POSTGRES_DSN"):
+        yield dsn
+        return
+    bindir = server_bindir()
+    if bindir is None:
+        reason = ("no PostgreSQL server binaries (initdb, pg_ctl, postgres) on PATH, in `pg_config --bindir` or "
+                  "/usr/lib/postgresql/*/bin: install PostgreSQL or set VPT_TEST_POSTGRES_DSN")
+        if os.environ.get("VPT_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{reason} (VPT_REQUIRE_POSTGRES=1)", pytrace=False)
+        pytest.skip(reason)
+    with throwaway_postgres(bindir) as dsn:
+        yield dsn

@@ -15,7 +15,8 @@ from vpt_agent.evaluation.runner import EvalSpec, evaluate
 from vpt_agent.graph import build_graph
 from vpt_agent.data.synthetic import make_item
 from vpt_agent.images import load_image
-from vpt_agent.model.demo import ASSETS, DEMO_DIR, default_model, example
+from vpt_agent.example import ASSETS, example
+from vpt_agent.model.demo import DEMO_DIR, default_model
 
 README = Path(__file__).parents[1] / "README.md"
 HELD_OUT_SEED = 1000

@@ -95,8 +95,9 @@ def test_readme_cli_command(photo_dir):
     script = shutil.which("vpt-agent") or str(Path(sys.executable).parent / "vpt-agent")
     done = subprocess.run([script, *argv[1:]], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert set(result) == {"answer", "actions", "regions", "steps", "error", "warnings"}
+    result = json.loads(done.stdout)  # one document, nothing else on stdout
+    assert set(result) == {"image", "question", "answer", "actions", "regions", "steps", "error", "warnings", "note"}
+    assert result["image"] == "photo.png" and result["note"]  # a noise "photo": the demo model's note
     assert Image.open(photo_dir / "trace.png").format == "PNG"
 
 

@@ -5,6 +5,8 @@ call the graph makes on a conversation; the real model runs the same routes in t
 """
 from __future__ import annotations
 
+import base64
+import json
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -12,12 +14,14 @@ import pytest
 import torch
 from PIL import Image
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.store.memory import InMemoryStore
 
-from vpt_agent.errors import ConfigError
+from vpt_agent.errors import ConfigError, InputMismatchError
 from vpt_agent.graph import build_graph
 from vpt_agent.images import load_image
 from vpt_agent.model.conversation import Turn
 from vpt_agent.model.tokenizer import build_char_tokenizer
+from vpt_agent.state import IMAGES_NAMESPACE
 from vpt_agent.store import VPTStore
 
 TOKENIZER = build_char_tokenizer()
@@ -97,10 +101,10 @@ def scripted(monkeypatch, stores):
     monkeypatch.setattr("vpt_agent.nodes.engine_for", lambda model: ScriptedEngine())
     LOG.clear()
 
-    def make(script, branches=("dino", "sam", "clip"), checkpointer=None, **options):
+    def make(script, branches=("dino", "sam", "clip"), checkpointer=None, store=None, **options):
         ScriptedConversation.script = list(script)
         model = SimpleNamespace(config=SimpleNamespace(branches=branches), parameters=lambda: iter([torch.zeros(1)]))
-        return build_graph(model, checkpointer, tokenizer=TOKENIZER, **options)
+        return build_graph(model, checkpointer, store=store, tokenizer=TOKENIZER, **options)
 
     make.stores = stores
     return make
@@ -272,12 +276,51 @@ def test_finished_runs_leave_the_store_empty(scripted):
     assert len(scripted.stores[-1]) == 0
 
 
-def test_stream_updates_and_custom_text(scripted):
+def test_stream_updates_are_plain_json_and_custom_events_typed(scripted):
     graph = scripted([REGION + END, "A cat." + END])
     events = list(graph.stream({"image": IMAGE, "q": "What?"}, stream_mode=["updates", "custom"]))
-    updates = [next(iter(e[1])) for e in events if e[0] == "updates"]
-    assert updates == ["perceive", "mllm", "crop", "mllm", "answer"]
-    assert "".join(e[1] for e in events if e[0] == "custom") == REGION + END + "A cat." + END
+    assert json.loads(json.dumps(events)) == [list(event) for event in events]  # plain JSON values only
+    updates = [data for mode, data in events if mode == "updates"]
+    assert [next(iter(u)) for u in updates] == ["perceive", "mllm", "crop", "mllm", "answer"]
+    assert updates[2]["crop"]["regions"] == [[0, 8, 30, 32]] and updates[0]["perceive"]["regions"] == []
+    custom = [data for mode, data in events if mode == "custom"]
+    assert custom[0] == {
+        "type": "perception", "round": 0, "accepted": True, "error": None, "action": updates[2]["crop"]["actions"][0]
+    }
+    assert [e["type"] for e in custom[1:]] == ["text"] and custom[1] == {"type": "text", "round": 1, "text": "A cat."}
+    assert updates[-1]["answer"]["answer"] == "A cat."
+
+
+def test_a_refused_request_is_streamed_as_not_accepted(scripted):
+    graph = scripted([DINO, "Fine." + END], allowed_actions=("region",))
+    custom = list(graph.stream({"image": IMAGE, "q": "What?"}, stream_mode="custom"))
+    assert custom[0]["type"] == "perception" and custom[0]["accepted"] is False
+    assert custom[0]["action"]["reencode"]["branch"] == "dino" and custom[0]["error"].startswith("PerceptionLimitError")
+    assert custom[1:] == [{"type": "text", "round": 1, "text": "Fine."}]
+
+
+def test_a_store_keeps_each_image_once_and_the_state_only_its_key(scripted):
+    saver, store = InMemorySaver(), InMemoryStore()
+    graph = scripted([REGION + END, "One." + END], checkpointer=saver, store=store)
+    for thread in ("a", "b"):
+        ScriptedConversation.script = [REGION + END, "One." + END]
+        graph.invoke({"image": IMAGE, "q": "What?"}, {"configurable": {"thread_id": thread}}, interrupt_after=["crop"])
+    (item,) = store.search(IMAGES_NAMESPACE)
+    assert torch.equal(load_image(base64.b64decode(item.value["png"])), IMAGE)
+    values = graph.get_state({"configurable": {"thread_id": "a"}}).values
+    assert values["image"] == {"stored_image": item.key} == {"stored_image": values["image_key"]}
+
+    resumed = scripted([REGION + END, "One." + END], checkpointer=saver, store=store)  # a new process's graph
+    LOG.clear()
+    result = resumed.invoke(None, {"configurable": {"thread_id": "a"}})
+    assert result["answer"] == "One." and "image" not in result
+    assert LOG[0] == ("start", (3, 64, 80), PROMPT)  # the image came back from the store
+
+    store.delete(IMAGES_NAMESPACE, item.key)
+    with pytest.raises(InputMismatchError, match="not in the graph's store"):
+        scripted([REGION + END, "One." + END], checkpointer=saver, store=store).invoke(
+            None, {"configurable": {"thread_id": "b"}}
+        )
 
 
 def test_resume_replays_turns_with_forced_tokens(scripted):

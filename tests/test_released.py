@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoTokenizer
 
 from vpt_agent import build_graph, load_model
 from vpt_agent.cli import main
 from vpt_agent.errors import CheckpointError
 from vpt_agent.perception.qwen_image import qwen_pixel_values
+from vpt_agent.streaming import TextDeltas
 
 from released import released_vpt_model
 
@@ -49,6 +51,38 @@ def test_a_released_checkpoint_answers_through_the_cli(released, photo, capsys):
     assert main(["ask", str(photo), "What is written on the sign?", "--model", str(released),
                  "--dtype", "bfloat16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["answer"]
+
+
+def test_streamed_text_is_the_answer_without_special_tokens(released, photo):
+    graph = build_graph(str(released), max_new_tokens=40)
+    events = list(graph.stream({"image": str(photo), "q": "What is written on the sign?"},
+                               stream_mode=["custom", "values"]))
+    answer = [data for mode, data in events if mode == "values"][-1]["answer"]
+    texts = [data["text"] for mode, data in events if mode == "custom" and data["type"] == "text"]
+    assert answer and "".join(texts) == answer
+
+
+def test_text_deltas_join_to_the_decoded_text_token_by_token(released):
+    """Byte-level BPE splits characters across tokens: no delta holds half of one."""
+    tokenizer = AutoTokenizer.from_pretrained(released)
+    end = tokenizer.convert_tokens_to_ids(["<|im_end|>"])
+    text = "Café 東京, naïve 🙂 STOP"
+    rng = np.random.default_rng(0)
+    cases = [tokenizer(text, add_special_tokens=False)["input_ids"] + end]
+    cases += [[int(i) for i in rng.integers(0, 300, 30)] + end for _ in range(10)]  # any bytes, valid or not
+    for ids in cases:
+        assert "".join(_deltas(tokenizer, ids)) == tokenizer.decode(ids, skip_special_tokens=True).strip()
+    first = _deltas(tokenizer, cases[0])
+    assert "".join(first) == text and len(first) > 5 and not any("\ufffd" in delta for delta in first)
+
+
+def _deltas(tokenizer, ids: list[int]) -> list[str]:
+    events = []
+    deltas = TextDeltas(tokenizer, 0, events.append)
+    for i in ids:
+        deltas([i])
+    deltas.finish()
+    return [e["text"] for e in events]
 
 
 def test_the_released_tokenizer_and_processor_are_used_as_shipped(released):

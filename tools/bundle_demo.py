@@ -13,7 +13,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from vpt_agent.model.demo import ASSETS, DEMO_DIR, default_model
+from vpt_agent.example import ASSETS
+from vpt_agent.model.demo import DEMO_DIR, default_model
 from vpt_agent.train import OPTIMIZER_STATE, TRAIN_STATE
 
 LEFT_BEHIND = {TRAIN_STATE, OPTIMIZER_STATE, "log.jsonl"}

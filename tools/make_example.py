@@ -14,7 +14,7 @@ import json
 from PIL import Image
 
 from vpt_agent.data.synthetic import make_item
-from vpt_agent.model.demo import ASSETS, EXAMPLE_IMAGE
+from vpt_agent.example import ASSETS, EXAMPLE_IMAGE
 
 SEED, INDEX = 7, 1
 

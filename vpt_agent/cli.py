@@ -1,22 +1,35 @@
 """`vpt-agent ask IMAGE QUESTION` (or `ask --example`): answer a question about an image with the VPT
-graph, printing the answer and the regions the model looked at;
+graph, printing the answer and the regions the model looked at (`--json`: one JSON document);
 `vpt-agent eval DATASET.json --out DIR`: score it on a dataset (`vpt_agent.evaluation`).
 
-Errors print one line to stderr and exit 1 (2 for usage errors); warnings print one line each.
+Errors print one line to stderr and exit 1 (2 for usage errors); warnings and notices print one line
+each to stderr. `ask` checks its arguments and input before torch is imported, so mistakes answer at
+once; then it says on stderr what model it loads.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, NoReturn
 
 from .errors import ConfigError, VPTError
 from .evaluation.cli import add_eval_parser, add_placement_arguments, run_eval
 
 PROG = "vpt-agent"
+DEMO_NOTE = (
+    "the bundled demo model knows only the synthetic scenes it was trained on (coloured shapes holding small "
+    "characters, as in --example); this image does not look like one, so the answer means little. "
+    "--model PATH loads a real VPT checkpoint"
+)
+"""Printed (and in --json) when the demo model answers about an image `looks_synthetic` rejects."""
+_EMPTY = {"answer": "", "actions": [], "regions": [], "steps": [], "warnings": []}
+"""The result fields of a --json document for a run that could not start."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Visual Perception Tokens for Qwen2-VL as a LangGraph state machine.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ask = commands.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", nargs="?", help="image file")
@@ -34,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--example", action="store_true",
                      help="ask the bundled example question about the bundled example image")
     ask.add_argument("--model", metavar="PATH", help="VPT checkpoint directory (default: the bundled demo model)")
-    ask.add_argument("--json", action="store_true", help="print answer, actions, regions, steps and error as JSON")
+    ask.add_argument("--json", action="store_true",
+                     help="print one JSON document: image, question, answer, actions, regions, steps, error, "
+                          "warnings and note")
     ask.add_argument("--trace", metavar="PNG", help="draw the regions, crops, question and answer to this file")
     ask.add_argument("--max-steps", type=int, default=2, metavar="N", help="perception steps allowed (default 2)")
     ask.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens per round (default 64)")
@@ -45,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_eval_parser(commands)
     return parser
+
+
+def _version() -> str:
+    try:
+        return version(PROG)
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "(not installed)"
 
 
 def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -59,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ask(args) if args.command == "ask" else run_eval(args)
     except (VPTError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        if getattr(args, "json", False):  # still one document on stdout: the run that did not happen
+            error = f"{type(exc).__name__}: {exc}"
+            print(json.dumps({"image": args.image, "question": args.question, **_EMPTY, "error": error, "note": None},
+                             indent=2, ensure_ascii=False))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -68,41 +95,109 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from .graph import build_graph  # heavy imports only once the arguments are valid
-    from .images import load_image, validate_question
-    from .model.demo import example
-    from .state import result_json
-    from .trace import render_trace
+    from .images import read_image_file, validate_question  # numpy and PIL, no torch
+
+    image, question = _inputs(args)
+    pixels = read_image_file(image)  # fail fast, before torch and the model load
+    question = validate_question(question)
+    if args.trace:
+        _check_trace_path(args.trace)
+    graph = _load_graph(args)
+    result = graph.invoke({"image": pixels, "q": question})
+    note = None if args.model else _demo_note(pixels)
+    _print_result(args, image, question, result, note)
+    return _finish(pixels, result, args.trace)
+
+
+def _inputs(args: argparse.Namespace) -> tuple[str, str]:
+    """(image path, question): the user's, or the shipped example's."""
+    from .example import example
 
     if args.example:
         if args.image or args.question:
             raise ConfigError("--example asks its own question; give no image or question with it")
         shipped = example()
-        args.image, args.question = str(shipped.image), shipped.question
-        print(f"{shipped.image}\nQ: {shipped.question}")
-    elif args.image is None or args.question is None:
+        return str(shipped.image), shipped.question
+    if args.image is None or args.question is None:
         raise ConfigError("give an image and a question (or --example)")
-    image = load_image(args.image)  # fail fast, before loading the model
-    question = validate_question(args.question)
-    graph = build_graph(
+    return args.image, args.question
+
+
+def _check_trace_path(path: str) -> None:
+    """A `ConfigError` now, before the model loads, if the --trace file cannot be written."""
+    problem = _unwritable(Path(path))
+    if problem:
+        raise ConfigError(f"--trace: cannot write {path}: {problem}")
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why `path` cannot be written, or None."""
+    try:
+        if path.is_dir():
+            return "it is a directory"
+        if not path.parent.is_dir():
+            return f"no such directory {path.parent}"
+        writable = os.access(path if path.exists() else path.parent, os.W_OK)
+    except OSError as exc:  # e.g. a name too long
+        return exc.strerror or str(exc)
+    return None if writable else "permission denied"
+
+
+def _load_graph(args: argparse.Namespace) -> Any:
+    """The graph on the model asked for, after one line on stderr naming the model and its placement."""
+    from .placement import placement  # imports torch
+
+    device, dtype = placement(args.device, args.dtype)
+    name = args.model or "the bundled demo model"
+    print(f"{PROG}: loading {name} ({device}, {str(dtype).removeprefix('torch.')})...", file=sys.stderr)
+    from .graph import build_graph
+
+    return build_graph(
         args.model, device=args.device, dtype=args.dtype, compile=args.compile, max_perception_steps=args.max_steps,
         max_new_tokens=args.max_new_tokens, mode=args.mode,
     )
-    result = graph.invoke({"image": image, "q": question})
-    if args.trace:
-        render_trace(result, args.trace)
+
+
+def _demo_note(pixels: Any) -> str | None:
+    """`DEMO_NOTE` for an image the demo model was not trained on, else None."""
+    from .data.synthetic import looks_synthetic
+
+    return None if looks_synthetic(pixels) else DEMO_NOTE
+
+
+def _print_result(args: argparse.Namespace, image: str, question: str, result: Mapping[str, Any],
+                  note: str | None) -> None:
+    """The answer on stdout (one JSON document with --json); warnings and the note on stderr."""
+    from .state import result_json
+
     if args.json:
-        print(json.dumps(result_json(result), indent=2, ensure_ascii=False))
+        document = {"image": image, "question": question, **result_json(result), "note": note}
+        print(json.dumps(document, indent=2, ensure_ascii=False))
     else:
-        print(("A: " if args.example else "") + result["answer"])
+        print(f"{image}\nQ: {question}\nA: {result['answer']}" if args.example else result["answer"])
         for action in result["actions"]:
             print(_describe(action))
         for warning in result["warnings"]:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if note:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+
+
+def _finish(pixels: Any, result: Mapping[str, Any], trace: str | None) -> int:
+    """After the answer: the run's error and the trace of `pixels`; 1 if either failed."""
+    from .trace import render_trace
+
+    code = 0
     if result["error"]:  # no usable answer
         print(f"{PROG}: error: {result['error']}", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    if trace:
+        try:
+            render_trace(pixels, result, trace)
+        except OSError as exc:  # e.g. its folder went away while the model ran
+            print(f"{PROG}: error: --trace: cannot write {trace}: {exc.strerror or exc}", file=sys.stderr)
+            code = 1
+    return code
 
 
 def _describe(action: dict) -> str:

@@ -9,6 +9,7 @@ the same KV cache.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,15 @@ from langgraph._internal._runnable import RunnableCallable  # the sync/async nod
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.store.base import BaseStore
 from pydantic import BaseModel, Field
 
 from . import model as vpt_model
 from .configuration import VPTOptions
-from .errors import ConfigError
+from .errors import BadImageError, BadQuestionError, ConfigError
 from .model.demo import default_model
-from .model.loading import load_config, load_tokenizer, placement, resolve_checkpoint_dir
+from .model.loading import load_config, load_tokenizer, resolve_checkpoint_dir
+from .placement import placement
 from .nodes import VPTNodes
 from .state import InputState, OutputState, VPTState, result_json, with_image_serde
 from .store import DEFAULT_MAX_BYTES, VPTStore
@@ -34,6 +37,7 @@ def build_graph(
     model: Any = None,
     checkpointer: BaseCheckpointSaver | bool | None = None,
     *,
+    store: BaseStore | None = None,
     tokenizer: Any = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -50,7 +54,9 @@ def build_graph(
     on the GPU in bfloat16 when there is one, else on the CPU in float32; a model object stays where it
     is unless they are given). `options`: `vpt_agent.configuration.VPTOptions` fields, each
     overridable per run in ``config["configurable"]``. A checkpointer is used through a copy
-    whose serializer also accepts PIL images and tensors as input.
+    whose serializer also accepts PIL images and tensors as input. With a LangGraph `store` (the
+    LangGraph server gives one), each image is kept there once per content and checkpoints and
+    thread values hold only its key; without one, the state keeps the image as given.
 
     Concurrent runs of every graph on one model share its batching engine
     (`vpt_agent.model.engine`): `max_batch_rows` (default 64) bounds the rows of one model step and
@@ -83,7 +89,7 @@ def build_graph(
 
     if isinstance(checkpointer, BaseCheckpointSaver):
         checkpointer = with_image_serde(checkpointer)
-    compiled = builder.compile(checkpointer=checkpointer, name="vpt")
+    compiled = builder.compile(checkpointer=checkpointer, store=store, name="vpt")
     graph = VPTGraph(**{key: value for key, value in compiled.__dict__.items() if key != "__orig_class__"})
     return graph.with_config(max_concurrency=nodes.engine.max_rows)
 
@@ -101,6 +107,23 @@ class VPTGraph(CompiledStateGraph):
     def batch_as_completed(self, inputs, config=None, *, return_exceptions=False, **kwargs):
         yield from super().batch_as_completed(inputs, self._in_flight(config, len(inputs)),
                                               return_exceptions=return_exceptions, **kwargs)
+
+    def stream(self, input, config=None, **kwargs):
+        yield from super().stream(self._storable(input), config, **kwargs)
+
+    async def astream(self, input, config=None, **kwargs):
+        async for chunk in super().astream(self._storable(input), config, **kwargs):
+            yield chunk
+
+    def _storable(self, inputs: Any) -> Any:
+        """`inputs`, refused if the graph's checkpointer could not save them: LangGraph checkpoints the
+        input before `perceive` can record a rejection, and PostgreSQL's JSON holds no NUL character."""
+        if isinstance(self.checkpointer, BaseCheckpointSaver) and isinstance(inputs, Mapping):
+            for key, error in (("q", BadQuestionError), ("image", BadImageError)):
+                if isinstance(inputs.get(key), str) and "\x00" in inputs[key]:
+                    name = "question" if key == "q" else "image path"
+                    raise error(f"the {name} contains a NUL character (\\x00), which a checkpoint cannot hold")
+        return inputs
 
     def _in_flight(self, config, count: int):
         default = {"max_concurrency": (self.config or {}).get("max_concurrency")}

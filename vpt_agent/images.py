@@ -3,7 +3,11 @@
 Accepted images: a path (str or Path) or a ``data:`` URL, encoded bytes, a PIL image, a numpy
 HWC (or HW gray) uint8 array, a torch CHW tensor (uint8, or float in [0, 1]). EXIF orientation is
 applied, animated images give their first frame, transparency is composited over white, 16-bit
-and float images are scaled to 8 bits. Anything unreadable raises `BadImageError`.
+and float images are scaled to 8 bits. Anything unreadable raises `BadImageError` (naming the file
+when given a path).
+
+torch is imported only by the functions that make or take tensors: `read_image_file` and
+`validate_question` check the CLI's input before the model (and torch) loads.
 """
 from __future__ import annotations
 
@@ -14,13 +18,15 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BadImageError, BadQuestionError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_PIXELS = 40_000_000
 """Largest accepted image (W·H); larger declared sizes are rejected before decoding."""
@@ -28,7 +34,7 @@ MAX_SIDE = 20_000
 """Longest accepted side in pixels."""
 MAX_QUESTION_CHARS = 4_000
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor]
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, "torch.Tensor"]
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _WIDE_GRAY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -37,25 +43,22 @@ _WIDE_GRAY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 def load_image(obj: ImageInput, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> torch.Tensor:
     """Any supported image -> uint8 (3, H, W) RGB tensor on the CPU, a view of (H, W, 3) memory
     (the layout PIL and numpy read without a copy)."""
-    if isinstance(obj, str) and obj.startswith("data:"):
-        obj = _data_url_bytes(obj)
-    if isinstance(obj, (str, os.PathLike)):
-        return _decode(_existing_file(Path(obj)), max_pixels, max_side)
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        if not len(obj):
-            raise BadImageError("the image bytes are empty")
-        return _decode(io.BytesIO(bytes(obj)), max_pixels, max_side)
-    if isinstance(obj, Image.Image):
-        _check_size(*obj.size, max_pixels, max_side)
-        return _from_pil(obj, max_pixels, max_side)
-    if isinstance(obj, np.ndarray):
-        return _from_array(obj, max_pixels, max_side)
+    import torch
+
     if isinstance(obj, torch.Tensor):
-        return _from_tensor(obj, max_pixels, max_side)
-    raise BadImageError(
-        f"unsupported image type {type(obj).__name__}: expected a path, bytes, PIL.Image, "
-        "numpy HWC uint8 array or CHW torch tensor"
-    )
+        obj = _tensor_array(obj)
+    return torch.from_numpy(_own_copy(_pixels(obj, max_pixels, max_side))).permute(2, 0, 1)
+
+
+def read_image_file(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE
+                    ) -> np.ndarray:
+    """The pixels of an image file as an (H, W, 3) uint8 RGB array, fully decoded by `load_image`'s
+    rules, without torch; a `BadImageError` names the file."""
+    path = _existing_file(Path(path))
+    try:
+        return _decode(path, max_pixels, max_side)
+    except BadImageError as exc:
+        raise BadImageError(f"{path}: {exc}") from None
 
 
 def validate_question(q: object, *, max_chars: int = MAX_QUESTION_CHARS, truncate: bool = False) -> str:
@@ -92,6 +95,27 @@ def image_key(image: torch.Tensor) -> str:
 
 
 # ------------------------------------------------------------------------------------ internals
+def _pixels(obj: ImageInput, max_pixels: int, max_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB array of any supported input but a tensor, its size checked."""
+    if isinstance(obj, str) and obj.startswith("data:"):
+        obj = _data_url_bytes(obj)
+    if isinstance(obj, (str, os.PathLike)):
+        return read_image_file(obj, max_pixels=max_pixels, max_side=max_side)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        if not len(obj):
+            raise BadImageError("the image bytes are empty")
+        return _decode(io.BytesIO(bytes(obj)), max_pixels, max_side)
+    if isinstance(obj, Image.Image):
+        _check_size(*obj.size, max_pixels, max_side)
+        return _from_pil(obj, max_pixels, max_side)
+    if isinstance(obj, np.ndarray):
+        return _from_array(obj, max_pixels, max_side)
+    raise BadImageError(
+        f"unsupported image type {type(obj).__name__}: expected a path, bytes, PIL.Image, "
+        "numpy HWC uint8 array or CHW torch tensor"
+    )
+
+
 def _data_url_bytes(url: str) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
@@ -128,7 +152,7 @@ def _check_size(width: int, height: int, max_pixels: int, max_side: int) -> None
         )
 
 
-def _decode(source: Path | io.BytesIO, max_pixels: int, max_side: int) -> torch.Tensor:
+def _decode(source: Path | io.BytesIO, max_pixels: int, max_side: int) -> np.ndarray:
     """Open lazily, check the declared size before any pixel is decoded, then decode."""
     try:
         with warnings.catch_warnings():
@@ -137,17 +161,17 @@ def _decode(source: Path | io.BytesIO, max_pixels: int, max_side: int) -> torch.
     except Image.DecompressionBombError as exc:
         raise BadImageError(f"decompression bomb: {exc}") from None
     except PermissionError:
-        raise BadImageError(f"cannot read {source}: permission denied") from None
+        raise BadImageError("cannot read the file (permission denied)") from None
     except UnidentifiedImageError:
-        raise BadImageError("not a readable image: unknown format or corrupt header") from None
+        raise BadImageError("not a readable image (unknown format or corrupt header)") from None
     except Exception as exc:  # PIL raises many types on foreign data (OSError, SyntaxError, ...)
-        raise BadImageError(f"not a readable image: {exc}") from None
+        raise BadImageError(f"not a readable image ({exc})") from None
     with image:
         _check_size(*image.size, max_pixels, max_side)
         return _from_pil(image, max_pixels, max_side)
 
 
-def _from_pil(image: Image.Image, max_pixels: int, max_side: int) -> torch.Tensor:
+def _from_pil(image: Image.Image, max_pixels: int, max_side: int) -> np.ndarray:
     try:
         if image.tell():  # a multi-frame image left at a later frame (n_frames would scan the file)
             image.seek(0)
@@ -157,8 +181,8 @@ def _from_pil(image: Image.Image, max_pixels: int, max_side: int) -> torch.Tenso
     except BadImageError:
         raise
     except Exception as exc:  # truncated or corrupt data surfaces only when decoding
-        raise BadImageError(f"cannot decode the image: {exc}") from None
-    return _to_tensor(rgb, max_pixels, max_side)
+        raise BadImageError(f"cannot decode the image ({exc})") from None
+    return _checked(rgb, max_pixels, max_side)
 
 
 def _pil_rgb_array(image: Image.Image) -> np.ndarray:
@@ -180,7 +204,7 @@ def _pil_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _from_array(array: np.ndarray, max_pixels: int, max_side: int) -> torch.Tensor:
+def _from_array(array: np.ndarray, max_pixels: int, max_side: int) -> np.ndarray:
     if array.dtype != np.uint8:
         raise BadImageError(f"a numpy image must be uint8, got {array.dtype}")
     if array.ndim == 2:
@@ -192,10 +216,13 @@ def _from_array(array: np.ndarray, max_pixels: int, max_side: int) -> torch.Tens
         array = _gray_to_rgb(array[:, :, 0])
     elif array.shape[2] == 4:
         array = _composite_on_white(array)
-    return _to_tensor(array, max_pixels, max_side)
+    return _checked(array, max_pixels, max_side)
 
 
-def _from_tensor(tensor: torch.Tensor, max_pixels: int, max_side: int) -> torch.Tensor:
+def _tensor_array(tensor: torch.Tensor) -> np.ndarray:
+    """(H, W, C) uint8 array of a (C, H, W) uint8 or [0, 1] float tensor."""
+    import torch
+
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
         raise BadImageError(f"a tensor image must be CxHxW with C in (1, 3, 4), got shape {tuple(tensor.shape)}")
     tensor = tensor.detach().cpu()
@@ -205,7 +232,7 @@ def _from_tensor(tensor: torch.Tensor, max_pixels: int, max_side: int) -> torch.
         tensor = (tensor.float() * 255).round().to(torch.uint8)
     elif tensor.dtype != torch.uint8:
         raise BadImageError(f"a tensor image must be uint8 or float, got {tensor.dtype}")
-    return _from_array(tensor.permute(1, 2, 0).numpy(), max_pixels, max_side)
+    return tensor.permute(1, 2, 0).numpy()
 
 
 def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
@@ -219,12 +246,16 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
-def _to_tensor(hwc: np.ndarray, max_pixels: int, max_side: int) -> torch.Tensor:
+def _checked(hwc: np.ndarray, max_pixels: int, max_side: int) -> np.ndarray:
     _check_size(hwc.shape[1], hwc.shape[0], max_pixels, max_side)
+    return hwc
+
+
+def _own_copy(hwc: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy (the caller's array may change)."""
     if hwc.flags.c_contiguous:
-        copy = hwc.copy()  # a copy: the caller's array may change
-    else:  # e.g. a view of (C, H, W) memory: plane by plane is 5x faster than one strided copy
-        copy = np.empty(hwc.shape, dtype=np.uint8)
-        for channel in range(hwc.shape[2]):
-            copy[:, :, channel] = hwc[:, :, channel]
-    return torch.from_numpy(copy).permute(2, 0, 1)
+        return hwc.copy()
+    copy = np.empty(hwc.shape, dtype=np.uint8)  # e.g. a view of (C, H, W) memory: plane by plane is 5x faster
+    for channel in range(hwc.shape[2]):
+        copy[:, :, channel] = hwc[:, :, channel]
+    return copy

@@ -11,6 +11,7 @@ of concurrent runs (threads, `batch`, asyncio tasks, several graphs on one model
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import inspect
 import time
@@ -20,10 +21,10 @@ from typing import Any, TypeVar
 
 import torch
 from langchain_core.runnables import RunnableConfig
-from langgraph.config import get_stream_writer
+from langgraph.config import get_store, get_stream_writer
 from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END
-from langgraph.types import Overwrite
+from langgraph.store.base import BaseStore
 
 from .configuration import VPTOptions
 from .errors import (
@@ -35,14 +36,15 @@ from .errors import (
     PerceptionLimitError,
     VPTError,
 )
-from .images import image_key, load_image, validate_question
+from .images import image_key, load_image, to_png, validate_question
 from .model.batch import Round
 from .model.conversation import Conversation, Turn
 from .model.engine import engine_for
 from .perception.crop import crops
 from .prompts import build_question
-from .state import StepRecord, VPTState
+from .state import IMAGES_NAMESPACE, StepRecord, VPTState, stored_image
 from .store import RunCache, VPTStore
+from .streaming import TextDeltas, perception_event
 from .tokens import ACTION_STARTS, BRANCHES, ParsedOutput, answer_problem, parse_actions
 
 Node = TypeVar("Node", bound=Callable[..., Any])
@@ -100,9 +102,11 @@ class VPTNodes:
 
     # ------------------------------------------------------------------------------- nodes
     def perceive(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
-        """Validate and normalize the input, store the image, start a fresh run."""
+        """Validate and normalize the input, store the image, start a fresh run (its lists start
+        empty: a thread may ask one question after another). With a LangGraph store, the image goes
+        there once per content and the state keeps only its key."""
         start, opts = time.perf_counter(), self.options.merged(config)
-        reset = {name: Overwrite([]) for name in ("turns", "actions", "user_turns", "regions")}
+        reset = {name: [] for name in ("turns", "actions", "user_turns", "regions")}
         reset["next_action"] = None
         try:
             with self.engine.preparing():
@@ -113,8 +117,7 @@ class VPTNodes:
             )
         except (BadImageError, BadQuestionError) as exc:
             error = _describe(exc)
-            steps = Overwrite([_record("perceive", start, error=error)])
-            return {**reset, "answer": "", "error": error, "warnings": [], "steps": steps}
+            return {**reset, "answer": "", "error": error, "warnings": [], "steps": [_record("perceive", start, error=error)]}
         cut = None  # recorded: a warning of the run if it answers
         if dropped := len(state["q"].strip()) - len(question):
             message = f"the question was cut to its first {len(question)} characters ({dropped} dropped)"
@@ -122,6 +125,10 @@ class VPTNodes:
         run_id = uuid.uuid4().hex
         with self.store.using(run_id) as run:
             run.image, run.image_key = image, key
+        if (store := get_store()) is not None:
+            if store.get(IMAGES_NAMESPACE, key) is None:
+                store.put(IMAGES_NAMESPACE, key, {"png": base64.b64encode(to_png(image)).decode()}, index=False)
+            reset["image"] = stored_image(key)
         return {
             **reset,
             "run_id": run_id,
@@ -131,7 +138,7 @@ class VPTNodes:
             "answer": "",
             "error": None,
             "warnings": [],
-            "steps": Overwrite([_record("perceive", start, error=cut)]),
+            "steps": [_record("perceive", start, error=cut)],
         }
 
     @_typed_failures
@@ -143,11 +150,12 @@ class VPTNodes:
             try:
                 with self.engine.preparing():
                     round_ = self._next_round(run, state, opts)
-                turn = self.engine.generate(round_, on_tokens=self._streamed(writer))
+                deltas = TextDeltas(self.tokenizer, len(state["turns"]), writer)
+                turn = self.engine.generate(round_, on_tokens=deltas)
             except BaseException:
                 run.conversation = None  # possibly half-advanced: the next attempt rebuilds it by replay
                 raise
-            return self._after_round(run, state, opts, turn, start)
+            return self._after_round(run, state, opts, turn, start, deltas)
 
     @_typed_failures
     async def amllm(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
@@ -158,11 +166,12 @@ class VPTNodes:
             try:
                 with self.engine.preparing():
                     round_ = await asyncio.to_thread(self._next_round, run, state, opts)
-                turn = await self.engine.agenerate(round_, on_tokens=self._streamed(writer))
+                deltas = TextDeltas(self.tokenizer, len(state["turns"]), writer)
+                turn = await self.engine.agenerate(round_, on_tokens=deltas)
             except BaseException:
                 run.conversation = None
                 raise
-            return self._after_round(run, state, opts, turn, start)
+            return self._after_round(run, state, opts, turn, start, deltas)
 
     @_typed_failures
     def crop(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
@@ -173,8 +182,8 @@ class VPTNodes:
             run.outputs[action["id"]] = self._tool_output(action, self._image(run, state, opts))
         boxes = [list(region["box"]) for region in action["regions"]]
         record = _record("crop", start, boxes=boxes)
-        return {"actions": [_public(action)], "user_turns": [action], "regions": boxes, "next_action": None,
-                "steps": [record]}
+        return {"actions": [*state["actions"], _public(action)], "user_turns": [*state["user_turns"], action],
+                "regions": [*state["regions"], *boxes], "next_action": None, "steps": [*state["steps"], record]}
 
     @_typed_failures
     def reencode(self, state: VPTState, config: RunnableConfig) -> dict[str, Any]:
@@ -184,7 +193,8 @@ class VPTNodes:
         with self.store.using(state["run_id"]) as run, self.engine.preparing():
             features = run.outputs[action["id"]] = self._tool_output(action, self._image(run, state, opts))
         record = _record(action["reencode"]["branch"], start, feature_shape=list(features.shape))
-        return {"actions": [_public(action)], "user_turns": [action], "next_action": None, "steps": [record]}
+        return {"actions": [*state["actions"], _public(action)], "user_turns": [*state["user_turns"], action],
+                "next_action": None, "steps": [*state["steps"], record]}
 
     def answer(self, state: VPTState) -> dict[str, Any]:
         """The last round's text without special tokens, and free the run's tensors. A last round that
@@ -196,7 +206,8 @@ class VPTNodes:
         text = "" if error else self.tokenizer.decode(state["turns"][-1], skip_special_tokens=True).strip()
         self.store.drop(state["run_id"])
         warnings = [step["error"] for step in earlier if step["error"]]
-        return {"answer": text, "error": error, "warnings": warnings, "steps": [_record("answer", start, text=text)]}
+        record = _record("answer", start, text=text)
+        return {"answer": text, "error": error, "warnings": warnings, "steps": [*state["steps"], record]}
 
     # ----------------------------------------------------------------------------- routing
     @staticmethod
@@ -256,19 +267,24 @@ class VPTNodes:
             run.conversation.add_reencode(user_turn["reencode"]["branch"], output)
 
     def _after_round(
-        self, run: RunCache, state: VPTState, opts: VPTOptions, turn: Turn, start: float
+        self, run: RunCache, state: VPTState, opts: VPTOptions, turn: Turn, start: float, deltas: TextDeltas
     ) -> dict[str, Any]:
-        """The state update of a round: its tokens, its step record, the next action."""
+        """The state update of a round: its tokens, its step record, the next action; its last text
+        and its perception request (if any) to the custom stream."""
         run.turns.append(turn.token_ids)
+        deltas.finish()
         parsed = parse_actions(turn.text, tuple(state["image_size"]), allowed_branches=set(self.branches))
         action, error = self._accept(parsed, turn, len(state["actions"]), opts)
-        record = _record("mllm", start, text=turn.text, action=parsed.model_dump(mode="json"), error=error)
-        update = {"turns": [turn.token_ids], "next_action": action, "steps": [record]}
+        request = parsed.model_dump(mode="json")
+        if parsed.kind in ("region", "reencode"):
+            deltas.write(perception_event(deltas.round, request, error))
+        record = _record("mllm", start, text=turn.text, action=request, error=error)
+        update = {"turns": [*state["turns"], turn.token_ids], "next_action": action, "steps": [*state["steps"], record]}
         reasked = any(user_turn["kind"] == "reask" for user_turn in state["user_turns"])
         if error is not None and turn.stop != "length" and not reasked:
             # answer without the refused perception: ask the question again, once
             reask = {"kind": "reask", "id": uuid.uuid4().hex}
-            update["next_action"], update["user_turns"] = reask, [reask]
+            update["next_action"], update["user_turns"] = reask, [*state["user_turns"], reask]
         return update
 
     def _accept(
@@ -307,15 +323,23 @@ class VPTNodes:
     def _image(self, run: RunCache, state: VPTState, opts: VPTOptions) -> torch.Tensor:
         """The run's normalized image (CPU), decoded again from the state's input if not cached."""
         if run.image is None or run.image_key != state["image_key"]:
-            image = load_image(state["image"], max_pixels=opts.max_pixels, max_side=opts.max_side)
+            image = load_image(self._stored(state["image"]), max_pixels=opts.max_pixels, max_side=opts.max_side)
             if image_key(image) != state["image_key"]:
                 raise InputMismatchError("the image in the state does not match its content hash")
             run.image, run.image_key = image, state["image_key"]
         return run.image
 
-    def _streamed(self, writer: Callable[[str], None]) -> Callable[[list[int]], None]:
-        """The text of generated tokens to the graph's custom stream, as they come."""
-        return lambda tokens: writer(self.tokenizer.decode(tokens, skip_special_tokens=False))
+    @staticmethod
+    def _stored(image: Any) -> Any:
+        """The state's image as `load_image` reads it: PNG bytes from the graph's store if `perceive`
+        put it there."""
+        if not (isinstance(image, dict) and "stored_image" in image):
+            return image
+        store: BaseStore | None = get_store()
+        item = store.get(IMAGES_NAMESPACE, image["stored_image"]) if store is not None else None
+        if item is None:
+            raise InputMismatchError(f"the run's image {image['stored_image']} is not in the graph's store")
+        return base64.b64decode(item.value["png"])
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

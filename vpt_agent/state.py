@@ -3,9 +3,8 @@ checkpointer can save and resume a run. Tensors live in `vpt_agent.store.VPTStor
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Mapping
-from typing import Annotated, Any, TypedDict
+from typing import Any, TypedDict
 
 import torch
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -33,27 +32,27 @@ class StepRecord(TypedDict):
     """"ErrorType: message" when the node refused or could not do something."""
 
 
-Appended = Annotated[list, operator.add]
-"""A list that nodes extend; `perceive` resets it with `langgraph.types.Overwrite`."""
-
-
 class InputState(TypedDict):
     image: Any
-    """A path, data URL, bytes, PIL image, numpy HWC uint8 array or CHW tensor (`load_image`)."""
+    """A path, data URL, bytes, PIL image, numpy HWC uint8 array or CHW tensor (`load_image`). When
+    the graph has a LangGraph store, `perceive` keeps the image there, once per content, and the state
+    holds only `stored_image(key)` from then on."""
     q: str
 
 
 class OutputState(TypedDict, total=False):
-    image: Any
-    """The input image as given (what a resumed run decodes again; a checkpointer stores PIL images
-    and tensors as PNG bytes)."""
+    """What a run returns (no image: results stay small). Lists are written whole by each node, so
+    ``stream_mode="updates"`` carries plain JSON values."""
+
     q: str
+    image_size: list[int]
+    """[width, height] of the image as the run saw it (upright): the frame of `regions`."""
     answer: str
-    actions: Appended
+    actions: list[dict[str, Any]]
     """The perception actions carried out, in order (`ParsedOutput` as JSON)."""
-    regions: Appended
+    regions: list[list[int]]
     """Pixel boxes (x0, y0, x1, y1) on the original image of every crop shown to the model."""
-    steps: Appended
+    steps: list[StepRecord]
     """One `StepRecord` per node run."""
     error: str | None
     """Why the run has no usable answer (then `answer` is ""): the input was rejected, or the last
@@ -69,19 +68,26 @@ class VPTState(InputState, OutputState, total=False):
     """Key of this run's tensors in the store (a new one per question)."""
     image_key: str
     """Content hash of the normalized image."""
-    image_size: list[int]
-    """[width, height] of the original image."""
     prompt: str
     """The question with the prompt mode's suffix, as the model reads it."""
-    turns: Appended
+    turns: list[list[int]]
     """Token ids the model generated, one list per round (replayed to rebuild the KV cache)."""
-    user_turns: Appended
+    user_turns: list[dict[str, Any]]
     """The user turn that followed each non-final round: the perception action whose output it
     showed (as in `actions`, plus its ``id``) or ``{"kind": "reask", "id": ...}`` (the question asked
     again after a refused request). A tool node's output waits in the store under the action's id."""
     next_action: dict[str, Any] | None
     """What the next node carries out: an accepted action (with its ``id``), or a re-ask, which goes
     back to mllm; None routes to the answer."""
+
+
+IMAGES_NAMESPACE = ("vpt_agent", "images")
+"""Where `perceive` keeps run images in a LangGraph store: key = content hash, value {"png": base64}."""
+
+
+def stored_image(key: str) -> dict[str, str]:
+    """The state's `image` once the image is in the graph's store under `key`."""
+    return {"stored_image": key}
 
 
 def result_json(result: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,10 +17,10 @@ MIN_WIDTH = 400
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 
 
-def render_trace(result: Mapping[str, Any], path: str | Path | None = None) -> Image.Image:
-    """Draw a final graph state (it holds the image, question, regions, steps and answer);
-    save it as PNG to `path` if given."""
-    original = Image.fromarray(load_image(result["image"]).permute(1, 2, 0).numpy())
+def render_trace(image: Any, result: Mapping[str, Any], path: str | Path | None = None) -> Image.Image:
+    """Draw a run: `image` as it was given to the graph and its result (question, regions, steps and
+    answer); save it as PNG to `path` if given."""
+    original = Image.fromarray(load_image(image).permute(1, 2, 0).numpy())
     regions = [tuple(box) for box in result.get("regions") or []]
     font = ImageFont.load_default(size=15)
 

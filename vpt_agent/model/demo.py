@@ -1,32 +1,12 @@
-"""The bundled demo model (trained by ``tools/train_demo.py`` on the synthetic benchmark) and the
-example question shipped with it."""
+"""The bundled demo model, trained by ``tools/train_demo.py`` on the synthetic benchmark (its example
+question is in `vpt_agent.example`)."""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from importlib.resources import files
-from pathlib import Path
-
 from ..errors import CheckpointError
+from ..example import ASSETS
 
-ASSETS = Path(str(files("vpt_agent") / "assets"))
 DEMO_DIR = ASSETS / "demo"
 """config.json, model.safetensors and the tokenizer of the demo model."""
-EXAMPLE_IMAGE = ASSETS / "example.png"
-
-
-@dataclass(frozen=True)
-class Example:
-    image: Path
-    question: str
-    answer: str
-    """What the demo model answers (the scene's ground truth)."""
-
-
-def example() -> Example:
-    """The example scene and question (``vpt-agent ask --example``)."""
-    record = json.loads((ASSETS / "example.json").read_text(encoding="utf-8"))
-    return Example(EXAMPLE_IMAGE, record["question"], record["answer"])
 
 
 def bundled() -> bool:

@@ -235,19 +235,6 @@ def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> 
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
 
 
-def placement(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
-              ) -> tuple[torch.device, torch.dtype]:
-    """Where and in what a model runs: by default the GPU in bfloat16 when there is one, else the CPU
-    in float32. `dtype` may be named ("bfloat16")."""
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(dtype, str):
-        named = getattr(torch, dtype, None)
-        if not isinstance(named, torch.dtype) or not named.is_floating_point:
-            raise ConfigError(f"unknown dtype {dtype!r}; expected float32, bfloat16 or float16")
-        dtype = named
-    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
 def resolve_device(device_map: str | torch.device | None) -> torch.device:
     """`None` -> cpu, "auto" -> cuda when available, else the device named."""
     if device_map is None:
