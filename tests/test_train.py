@@ -2,11 +2,14 @@
 train() saves a loadable bundle and resumes exactly."""
 from __future__ import annotations
 
+import itertools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import vpt_agent.train as train_module
 from vpt_agent.data.conversations import (
     BLOCK_QUESTION,
     GROUNDING_QUESTION,
@@ -344,12 +347,15 @@ def test_minutes_stop_training_and_still_save(tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
 
 
-def test_run_minutes_stop_the_run_and_restart_its_schedule(tmp_path):
+def test_run_minutes_stop_the_run_and_restart_its_schedule(tmp_path, monkeypatch):
     """A run with its own time limit warms up afresh (moments kept) and ends on time, its cosine over
-    its own minutes whatever the step budget says."""
+    its own minutes whatever the step budget says. The trainer's clock is a fake one (each reading
+    0.05 s later), so the test does not depend on the machine's speed."""
     common = dict(batch_size=1, device="cpu", workers=0, eval_every=0, eval_items=1, log_every=1, warmup=2,
                   config_overrides=TINY)
     train(TrainArgs(out=tmp_path, steps=3, **common))
+    ticks = itertools.count()
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: next(ticks) * 0.05))
     train(TrainArgs(out=tmp_path, steps=10**6, run_minutes=0.05, resume=tmp_path, **common))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in log if "lr" in r and r["step"] > 3]
