@@ -175,6 +175,20 @@ def main() -> None:
               f"{results['VPT region, reference recompute'] / compiled:.2f}x faster than the reference recompute; "
               f"warm-up runs {warm_up['plain answer, compiled']:.1f} s (plain) + {warm_up['VPT region, compiled']:.1f} s (VPT)")
     print("  phases (median ms): " + ", ".join(f"{k} {statistics.median(v) * 1000:.1f}" for k, v in phases.items()))
+    if args.compile:
+        dynamic, compiled = (greedy(model, tokenizer, image, question, box, len(answer), compile) for compile in (False, True))
+        print(f"  greedy tokens (no forcing; the region answer, {len(answer)} tokens) compiled == dynamic: "
+              f"{compiled == dynamic}")
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, image, question: str, box, tokens: int, compile: bool) -> list[list[int]]:
+    """The model's own greedy tokens, round by round, over a region turn (random weights: any text)."""
+    session = VPTSession(model, tokenizer, compile=compile)
+    session.start([image], [question])
+    rounds = [session.generate(tokens)[0].token_ids]
+    session.add_regions(0, [crop(image, box)])
+    return [*rounds, session.generate(tokens)[0].token_ids]
 
 
 if __name__ == "__main__":
