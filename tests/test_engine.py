@@ -109,18 +109,25 @@ def drive(model, scripted: list[Scripted], join_steps: list[int], decoder=None) 
 
 
 def test_rows_joining_and_leaving_mid_decode_get_their_solo_tokens(tiny):
-    model, _ = tiny
+    solo = check_solo_tokens(tiny)
     names = list(SCRIPTS)
+    assert solo[names.index("cut")][0] != [] and len(solo[names.index("cut")][0]) == 3
+    assert len({len(turn) for s in solo for turn in s}) > 3  # rounds of different lengths: rows leave apart
+
+
+def check_solo_tokens(tiny) -> list[list[list[int]]]:
+    """Every script run alone, then all in one batch joining at different steps: the same tokens.
+    Returns the solo turns, per script."""
+    model, _ = tiny
     solo = []
-    for seed, name in enumerate(names):
+    for seed, name in enumerate(SCRIPTS):
         one = Scripted(tiny, name, seed)
         drive(model, [one], [0])
         solo.append(one.turns)
-    together = [Scripted(tiny, name, seed) for seed, name in enumerate(names)]
+    together = [Scripted(tiny, name, seed) for seed, name in enumerate(SCRIPTS)]
     drive(model, together, join_steps=[0, 0, 1, 2, 2, 3, 5, 6])
     assert [s.turns for s in together] == solo
-    assert solo[names.index("cut")][0] != [] and len(solo[names.index("cut")][0]) == 3
-    assert len({len(turn) for s in solo for turn in s}) > 3  # rounds of different lengths: rows leave apart
+    return solo
 
 
 def test_a_round_whose_prefill_fails_fails_alone(tiny):

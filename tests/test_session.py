@@ -74,7 +74,11 @@ def run(model, tokenizer, imgs, questions, routes):
 
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_second_round_equals_reference_recompute(tiny, route):
-    model, tokenizer = tiny
+    check_second_round(*tiny, route)
+
+
+def check_second_round(model, tokenizer, route: str) -> None:
+    """The round after `route`'s tool output equals recomputing the whole conversation the reference way."""
     img = image(90, 140, seed=1)
     session, first, second, refs, prefixes = run(model, tokenizer, [img], ["What is written on it?"], [route])
     assert first[0].stop == ("action" if route in BRANCHES else "eos")

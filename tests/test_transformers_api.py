@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers import DynamicCache, Qwen2VLConfig, Qwen2VLImageProcessor, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -71,19 +72,20 @@ def test_caches_as_the_batch_and_the_static_decoder_use_them(text_model):
             "lazy_initialization / cumulative_length / update no longer write at the cumulative length")
 
 
-def test_the_qwen2_vl_helpers_the_conversation_and_reference_call():
+@pytest.mark.parametrize("base", [qwen2_vl.Qwen2VLModel, qwen2_5_vl.Qwen2_5_VLModel])
+def test_the_base_model_helpers_the_conversation_and_reference_call(base):
     for name, used_by, names in [
-        ("get_image_features", "VPTForConditionalGeneration.embed", ["pixel_values", "image_grid_thw"]),
+        ("get_image_features", "VPTMixin.embed", ["pixel_values", "image_grid_thw"]),
         ("get_rope_index", "model.reference", ["input_ids", "mm_token_type_ids", "image_grid_thw"]),
         ("get_vision_position_ids", "Conversation.positions",
          ["start_position", "grid_thw", "temp_merge_size", "spatial_merge_size", "device"]),
     ]:
-        fn = getattr(qwen2_vl.Qwen2VLModel, name, None)
-        require(fn is not None, used_by, f"Qwen2VLModel.{name}", "it is gone")
-        require(not explicit(fn, names), used_by, f"Qwen2VLModel.{name}", f"no parameter {explicit(fn, names)}")
-    order = list(inspect.signature(qwen2_vl.Qwen2VLModel.get_vision_position_ids).parameters)[1:5]
+        fn = getattr(base, name, None)
+        require(fn is not None, used_by, f"{base.__name__}.{name}", "it is gone")
+        require(not explicit(fn, names), used_by, f"{base.__name__}.{name}", f"no parameter {explicit(fn, names)}")
+    order = list(inspect.signature(base.get_vision_position_ids).parameters)[1:5]
     require(order == ["start_position", "grid_thw", "temp_merge_size", "spatial_merge_size"],
-            "Conversation.positions (positional call)", "Qwen2VLModel.get_vision_position_ids", f"order {order}")
+            "Conversation.positions (positional call)", f"{base.__name__}.get_vision_position_ids", f"order {order}")
 
 
 def test_the_config_hook_and_the_rotary_initialisation(text_model):

@@ -49,7 +49,7 @@ def build_graph(
 ) -> VPTGraph:
     """The compiled VPT graph: ``graph.invoke({"image": ..., "q": "..."})``.
 
-    `model`: a `VPTForConditionalGeneration` (pass its `tokenizer`), a checkpoint directory, or
+    `model`: a VPT model on Qwen2-VL or Qwen2.5-VL (pass its `tokenizer`), a checkpoint directory, or
     None for the bundled demo model; `device` and `dtype` place it (a path or the demo model by default
     on the GPU in bfloat16 when there is one, else on the CPU in float32; a model object stays where it
     is unless they are given). `options`: `vpt_agent.configuration.VPTOptions` fields, each

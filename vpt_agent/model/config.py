@@ -1,9 +1,10 @@
-"""`VPTConfig`: Qwen2-VL's config plus the Visual Perception Token fields of the released checkpoints."""
+"""VPT configs: a base model's config (Qwen2-VL, Qwen2.5-VL) plus the Visual Perception Token fields
+of the released checkpoints, one class per base sharing `VPTFields`."""
 from __future__ import annotations
 
 from typing import Any
 
-from transformers import Qwen2VLConfig
+from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
 from ..errors import ConfigError
 from ..perception.dino import DINOV2_DEFAULTS
@@ -32,8 +33,8 @@ REQUIRED_ID_FIELDS = (
 )
 
 
-class VPTConfig(Qwen2VLConfig):
-    """Qwen2-VL config with the VPT fields (DESIGN.md §2); unknown fields of a checkpoint are kept.
+class VPTFields:
+    """The VPT fields (DESIGN.md §2) added to a base config; unknown fields of a checkpoint are kept.
 
     `vision_encoder_ls` names the re-encoding branches (["dino"], ["sam"], ["clip"], or several);
     `detection_encoder_config` / `seg_encoder_config` hold the DINOv2 / SAM architectures
@@ -42,7 +43,9 @@ class VPTConfig(Qwen2VLConfig):
     budget, as the released models use; the bundled demo model sees ~224x224).
     """
 
-    model_type = "qwen2_vl_vpt"
+    model_type: str
+    base_model_type: str
+    """The `model_type` of the plain base model (a checkpoint of it plus the VPT fields loads too)."""
 
     def __post_init__(self, **kwargs: Any) -> None:
         defaults: dict[str, Any] = {
@@ -74,8 +77,8 @@ class VPTConfig(Qwen2VLConfig):
         missing = [f for f in REQUIRED_ID_FIELDS if getattr(self, f, None) is None]
         if missing:
             raise ConfigError(
-                f"config lacks the VPT fields {missing}: this is not a Qwen2-VL VPT config "
-                "(model_type 'qwen2_vl_vpt' with detection_/clip_/seg_ token ids)"
+                f"config lacks the VPT fields {missing}: this is not a VPT config "
+                f"(model_type '{self.model_type}' with detection_/clip_/seg_ token ids)"
             )
         unknown = [b for b in self.vision_encoder_ls if b not in BRANCHES]
         if unknown or not isinstance(self.vision_encoder_ls, (list, tuple)):
@@ -88,3 +91,26 @@ class VPTConfig(Qwen2VLConfig):
             raise ConfigError(
                 f"projector_scale={self.projector_scale} is not supported (the released models use 1)"
             )
+
+
+class VPTConfig(VPTFields, Qwen2VLConfig):
+    """Qwen2-VL's config with the VPT fields: the paper's released checkpoints."""
+
+    model_type = "qwen2_vl_vpt"
+    base_model_type = "qwen2_vl"
+
+
+class VPTQwen2_5Config(VPTFields, Qwen2_5_VLConfig):
+    """Qwen2.5-VL's config with the VPT fields."""
+
+    model_type = "qwen2_5_vl_vpt"
+    base_model_type = "qwen2_5_vl"
+
+
+VPT_CONFIGS: dict[str, type[VPTFields]] = {c.model_type: c for c in (VPTConfig, VPTQwen2_5Config)}
+"""VPT model_type -> its config class."""
+
+
+def config_class_for(model_type: str | None) -> type[VPTFields] | None:
+    """The VPT config class of a checkpoint's `model_type` (the VPT one or its plain base's), else None."""
+    return next((c for c in VPT_CONFIGS.values() if model_type in (c.model_type, c.base_model_type)), None)

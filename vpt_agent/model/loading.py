@@ -14,7 +14,7 @@ from ..errors import CheckpointError, ConfigError
 from ..perception.dino import convert_hf_dinov2_state_dict
 from ..perception.sam import convert_hf_sam_vision_state_dict
 from ..tokens import ALL_SPECIAL_TOKENS, CONFIG_TOKEN_FIELDS
-from .config import VPTConfig
+from .config import VPT_CONFIGS, VPTFields, config_class_for
 from .projectors import UNUSED_PROJECTOR_KEYS
 
 # 4.45-era Qwen2-VL names -> transformers 5 names (prefix renames, first match wins).
@@ -41,7 +41,7 @@ def resolve_checkpoint_dir(path_or_id: str | Path) -> Path:
         raise CheckpointError(f"could not fetch '{path_or_id}' from the hub: {exc}") from exc
 
 
-def load_tokenizer(path_or_id: str | Path, config: VPTConfig | None = None):
+def load_tokenizer(path_or_id: str | Path, config: VPTFields | None = None):
     """The checkpoint's tokenizer, never extended: every VPT token must already be in it (a
     `CheckpointError` names the missing ones); they are marked special, which adds no id. With the
     model's `config`, each config token-id field must name its token and the tokenizer must fit the
@@ -77,7 +77,7 @@ def load_tokenizer(path_or_id: str | Path, config: VPTConfig | None = None):
     return tokenizer
 
 
-def load_image_processor(path: Path, config: VPTConfig) -> Qwen2VLImageProcessor:
+def load_image_processor(path: Path, config: VPTFields) -> Qwen2VLImageProcessor:
     """The checkpoint's `preprocessor_config.json` when present (min/max pixels, mean/std), else
     transformers' Qwen2-VL defaults; its patch, merge and temporal patch must be the vision tower's.
     The paper's regularisation (longer side <= 512) is applied before it either way."""
@@ -96,7 +96,7 @@ def load_image_processor(path: Path, config: VPTConfig) -> Qwen2VLImageProcessor
     return processor
 
 
-def image_processor_for(config: VPTConfig) -> Qwen2VLImageProcessor:
+def image_processor_for(config: VPTFields) -> Qwen2VLImageProcessor:
     """transformers' Qwen2-VL image processor with the vision tower's patch, merge and temporal patch."""
     vision = config.vision_config
     return Qwen2VLImageProcessor(**{name: getattr(vision, field) for name, field in _PROCESSOR_FIELDS})
@@ -106,8 +106,9 @@ _PROCESSOR_FIELDS = (("patch_size", "patch_size"), ("merge_size", "spatial_merge
                      ("temporal_patch_size", "temporal_patch_size"))
 
 
-def load_config(path: Path, **overrides: Any) -> VPTConfig:
-    """Read config.json, check it describes a Qwen2-VL VPT model, apply keyword overrides."""
+def load_config(path: Path, **overrides: Any) -> VPTFields:
+    """Read config.json, check it describes a VPT model (on Qwen2-VL or Qwen2.5-VL: the VPT config
+    class of its `model_type`), apply keyword overrides."""
     file = path / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{path} has no config.json")
@@ -118,14 +119,13 @@ def load_config(path: Path, **overrides: Any) -> VPTConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, not an object")
     model_type = raw.get("model_type")
-    if model_type not in (VPTConfig.model_type, "qwen2_vl"):
-        raise ConfigError(
-            f"{file} is a '{model_type}' checkpoint, not a Qwen2-VL VPT one ('{VPTConfig.model_type}')"
-        )
+    config_class = config_class_for(model_type)
+    if config_class is None:
+        raise ConfigError(f"{file} is a '{model_type}' checkpoint, not a VPT one ({', '.join(map(repr, VPT_CONFIGS))})")
     raw.update(overrides)
-    raw["model_type"] = VPTConfig.model_type
+    raw["model_type"] = config_class.model_type
     try:
-        config = VPTConfig(**{k: v for k, v in raw.items() if k != "transformers_version"})
+        config = config_class(**{k: v for k, v in raw.items() if k != "transformers_version"})
     except Exception as exc:  # field validation (transformers, huggingface_hub) raises several types
         raise ConfigError(f"{file}: {' '.join(str(exc).split())}") from exc
     config.validate_vpt()

@@ -1,4 +1,8 @@
-"""`VPTForConditionalGeneration`: Qwen2-VL with Visual Perception Token branches.
+"""VPT models: Qwen2-VL (`VPTForConditionalGeneration`) or Qwen2.5-VL
+(`VPTQwen2_5ForConditionalGeneration`) with Visual Perception Token branches.
+
+Both are transformers' own class of their base plus `VPTMixin`, which holds all of the VPT logic;
+`from_pretrained` on either builds the class the checkpoint's config names (`vpt_model_class`).
 
 The model owns the branch encoders' weights (DINOv2 via timm, SAM via segment-anything, the
 CLIP branch reuses the model's own ViT) and the conditioned projectors. Its `forward` is the
@@ -14,15 +18,15 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from ..errors import CheckpointError, InputMismatchError, MissingBranchError
+from ..errors import CheckpointError, ConfigError, InputMismatchError, MissingBranchError
 from ..perception.dino import build_dino_encoder
 from ..perception.sam import build_sam_encoder
 from ..tokens import BRANCHES
-from .config import VPTConfig
+from .config import VPTConfig, VPTFields, VPTQwen2_5Config
 from .loading import (
     check_state_dict,
     convert_state_dict,
@@ -47,18 +51,20 @@ class VPTOutput(ModelOutput):
     action_conditions: dict[str, torch.Tensor] | None = None
 
 
-class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
-    """Qwen2-VL + VPT. Branch modules follow the released names: `detection_model`,
-    `detection_projector`, `seg_model`, `seg_projector`, `clip_projector`."""
+class VPTMixin:
+    """The VPT part of a model, mixed in before transformers' class of its base (whose `model` holds
+    the vision tower, `get_image_features`, `get_vision_position_ids`, `get_rope_index` and the
+    `language_model`, and whose `lm_head` the logits come from). Branch modules follow the released
+    names: `detection_model`, `detection_projector`, `seg_model`, `seg_projector`, `clip_projector`."""
 
-    config_class = VPTConfig
-    config: VPTConfig
+    config: VPTFields
 
-    def __init__(self, config: VPTConfig) -> None:
+    def __init__(self, config: VPTFields) -> None:
         config.validate_vpt()
         super().__init__(config)
         self.image_processor = image_processor_for(config)
-        """Qwen2-VL image processing (a checkpoint's own `preprocessor_config.json` once loaded)."""
+        """Qwen2-VL image processing, which Qwen2.5-VL shares (a checkpoint's own
+        `preprocessor_config.json` once loaded)."""
         hidden = config.text_config.hidden_size
         for branch in config.branches:
             prefix = BRANCHES[branch].prefix
@@ -81,10 +87,11 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
         torch_dtype: torch.dtype | None = None,
         dtype: torch.dtype | None = None,
         device_map: str | torch.device | None = None,
-        config: VPTConfig | None = None,
+        config: VPTFields | None = None,
         **config_overrides: Any,
-    ) -> "VPTForConditionalGeneration":
-        """Load a released VPT checkpoint (4.45 names, sharded .bin or safetensors) or our own save.
+    ) -> VPTMixin:
+        """Load a released VPT checkpoint (4.45 names, sharded .bin or safetensors) or our own save,
+        as the VPT class of the base its config names (whichever VPT class this is called on).
 
         `config` (as the Auto classes pass it) is used as is; other keyword arguments override
         config fields, e.g.
@@ -96,7 +103,7 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
         dtype = dtype or torch_dtype
         device = resolve_device(device_map)
         with torch.device("meta"):  # no weights allocated, nothing initialised; the context is this thread's
-            model = cls(config)
+            model = vpt_model_class(config)(config)
         state = convert_state_dict(read_state_dict(path), model)  # tensors mapped from the files
         check_state_dict(state, model)
         state = {key: value.to(device, dtype if dtype and value.is_floating_point() else value.dtype, copy=True)
@@ -170,7 +177,7 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the Qwen2-VL image features scattered into `<|image_pad|>` rows."""
+        """Token embeddings with the vision tower's image features scattered into `<|image_pad|>` rows."""
         embeds = self.model.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             feats = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
@@ -296,7 +303,35 @@ class VPTForConditionalGeneration(Qwen2VLForConditionalGeneration):
         return out
 
 
-def _materialize_buffers(model: VPTForConditionalGeneration, device: torch.device) -> None:
+class VPTForConditionalGeneration(VPTMixin, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL + VPT: the paper's released models."""
+
+    config_class = VPTConfig
+    config: VPTConfig
+
+
+class VPTQwen2_5ForConditionalGeneration(VPTMixin, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL + VPT (window-attention vision tower; the same image M-RoPE positions)."""
+
+    config_class = VPTQwen2_5Config
+    config: VPTQwen2_5Config
+
+
+VPT_MODELS: dict[type[VPTFields], type[VPTMixin]] = {
+    VPTConfig: VPTForConditionalGeneration, VPTQwen2_5Config: VPTQwen2_5ForConditionalGeneration,
+}
+"""VPT config class -> its model class."""
+
+
+def vpt_model_class(config: VPTFields) -> type[VPTMixin]:
+    """The VPT model class for `config` (a `VPTConfig` or `VPTQwen2_5Config`)."""
+    model_class = next((m for c, m in VPT_MODELS.items() if isinstance(config, c)), None)
+    if model_class is None:
+        raise ConfigError(f"{type(config).__name__} is not a VPT config ({[c.__name__ for c in VPT_MODELS]})")
+    return model_class
+
+
+def _materialize_buffers(model: VPTMixin, device: torch.device) -> None:
     """The buffers no checkpoint holds (rotary frequencies), computed on `device` as transformers'
     initialisation computes them; anything else still without data is a checkpoint error."""
     for module in model.modules():

@@ -10,10 +10,10 @@ from collections.abc import Collection
 
 import torch
 
-from .modeling import VPTForConditionalGeneration
+from .modeling import VPTMixin
 
 
-def rope_index(model: VPTForConditionalGeneration, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None):
+def rope_index(model: VPTMixin, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None):
     """(3, B, L) M-RoPE ids of whole conversations; only `<|image_pad|>` runs count as images."""
     if image_grid_thw is None:
         return None
@@ -24,7 +24,7 @@ def rope_index(model: VPTForConditionalGeneration, input_ids: torch.Tensor, imag
 
 @torch.no_grad()
 def recompute_greedy(
-    model: VPTForConditionalGeneration,
+    model: VPTMixin,
     ids: list[int],
     *,
     stop_ids: Collection[int],

@@ -18,7 +18,7 @@ from ..errors import ConfigError, InputMismatchError, VPTError
 from ..prompts import DEFAULT_SYSTEM
 from .batch import Batch, Round
 from .conversation import ChatIds, Conversation, Turn
-from .modeling import VPTForConditionalGeneration
+from .modeling import VPTMixin
 from .static_decode import static_decoder
 
 
@@ -27,7 +27,7 @@ class VPTSession:
 
     def __init__(
         self,
-        model: VPTForConditionalGeneration,
+        model: VPTMixin,
         tokenizer,
         *,
         system_prompt: str = DEFAULT_SYSTEM,

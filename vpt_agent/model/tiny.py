@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from .config import VPTConfig
-from .modeling import VPTForConditionalGeneration
+from ..errors import ConfigError
+from .config import VPTFields, config_class_for
+from .modeling import vpt_model_class
 from .tokenizer import build_char_tokenizer, special_ids
 
 TINY_DINO: dict[str, Any] = {
@@ -23,8 +24,23 @@ TINY_SAM: dict[str, Any] = {
 }
 
 
-def tiny_config(tokenizer, branches: Sequence[str] = ("dino", "sam", "clip"), hidden: int = 64, **overrides) -> VPTConfig:
-    """A Qwen2-VL VPT config a few hundred thousand parameters large, matching `tokenizer`'s ids."""
+def tiny_vision_config(arch: str, hidden: int) -> dict[str, Any]:
+    """A 2-block vision tower of `arch` ("qwen2_vl" or "qwen2_5_vl") with output width `hidden`; the
+    Qwen2.5-VL one has 56-px windows (2x2 merged tokens) and one full-attention block, so that images
+    of a few dozen pixels span several windows."""
+    common = {"depth": 2, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if arch == "qwen2_vl":
+        return {**common, "embed_dim": 32, "mlp_ratio": 4, "hidden_size": hidden}
+    if arch == "qwen2_5_vl":
+        return {**common, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": hidden,
+                "window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 2}
+    raise ConfigError(f"unknown arch {arch!r}: qwen2_vl or qwen2_5_vl")
+
+
+def tiny_config(tokenizer, branches: Sequence[str] = ("dino", "sam", "clip"), hidden: int = 64, *,
+                arch: str = "qwen2_vl", **overrides) -> VPTFields:
+    """A VPT config on `arch` ("qwen2_vl" or "qwen2_5_vl") a few hundred thousand parameters large,
+    matching `tokenizer`'s ids."""
     ids = special_ids(tokenizer)
     fields: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
@@ -37,8 +53,7 @@ def tiny_config(tokenizer, branches: Sequence[str] = ("dino", "sam", "clip"), hi
         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
         max_position_embeddings=4096,
         tie_word_embeddings=False,
-        vision_config={"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 4, "hidden_size": hidden,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        vision_config=tiny_vision_config(arch, hidden),
         vision_encoder_ls=list(branches),
         detection_encoder_config=dict(TINY_DINO),
         seg_encoder_config=dict(TINY_SAM),
@@ -47,12 +62,15 @@ def tiny_config(tokenizer, branches: Sequence[str] = ("dino", "sam", "clip"), hi
         **ids,
     )
     fields.update(overrides)
-    return VPTConfig(**fields)
+    return config_class_for(arch)(**fields)  # arch is the base model_type
 
 
-def tiny_vpt_model(branches: Sequence[str] = ("dino", "sam", "clip"), seed: int = 0, **overrides):
-    """(model, tokenizer): a tiny random-weight VPT model in eval mode and the char tokenizer."""
+def tiny_vpt_model(branches: Sequence[str] = ("dino", "sam", "clip"), seed: int = 0, *, arch: str = "qwen2_vl",
+                   **overrides):
+    """(model, tokenizer): a tiny random-weight VPT model on `arch` ("qwen2_vl" or "qwen2_5_vl") in eval
+    mode and the char tokenizer."""
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
-    model = VPTForConditionalGeneration(tiny_config(tokenizer, branches, **overrides)).eval()
+    config = tiny_config(tokenizer, branches, arch=arch, **overrides)
+    model = vpt_model_class(config)(config).eval()
     return model, tokenizer
