@@ -1,6 +1,7 @@
 """`vpt-agent ask IMAGE QUESTION` (or `ask --example`): answer a question about an image with the VPT
 graph, printing the answer and the regions the model looked at (`--json`: one JSON document);
-`vpt-agent eval DATASET.json --out DIR`: score it on a dataset (`vpt_agent.evaluation`).
+`vpt-agent eval DATASET.json --out DIR`: score it on a dataset (`vpt_agent.evaluation`);
+`vpt-agent train --base DIR --data FILE.json --out DIR`: fine-tune a VPT checkpoint (`vpt_agent.training`).
 
 Errors print one line to stderr and exit 1 (2 for usage errors); warnings and notices print one line
 each to stderr. `ask` checks its arguments and input before torch is imported, so mistakes answer at
@@ -20,6 +21,7 @@ from typing import Any, NoReturn
 
 from .errors import ConfigError, VPTError
 from .evaluation.cli import add_eval_parser, add_placement_arguments, run_eval
+from .training.cli import add_train_parser, run_train
 
 PROG = "vpt-agent"
 DEMO_NOTE = (
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         help="prompt: the paper's region / reencode suffix, free (no suffix) or direct (no perception)",
     )
     add_eval_parser(commands)
+    add_train_parser(commands)
     return parser
 
 
@@ -79,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warn_in_one_line
-            return _ask(args) if args.command == "ask" else run_eval(args)
+            return {"ask": _ask, "eval": run_eval, "train": run_train}[args.command](args)
     except (VPTError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         if getattr(args, "json", False):  # still one document on stdout: the run that did not happen

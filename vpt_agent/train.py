@@ -35,6 +35,7 @@ from .data.conversations import (
     block_reading_example,
     build_example,
     grounding_example,
+    padded_batch,
     reading_example,
 )
 from .data.synthetic import FAMILIES, Family, Item, make_item, question_corpus
@@ -42,7 +43,6 @@ from .data.token_labels import COLUMNS, View, block_view, labelled_view
 from .model.config import VPTConfig
 from .model.loading import load_tokenizer
 from .model.modeling import VPTForConditionalGeneration
-from .model.reference import rope_index
 from .model.session import VPTSession
 from .model.tiny import TINY_DINO, tiny_config
 from .model.tokenizer import build_bpe_tokenizer
@@ -186,22 +186,9 @@ def collate(examples: list[Example] | list[View], model: VPTForConditionalGenera
     """
     if isinstance(examples[0], View):
         return collate_views(examples)
-    length = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), length), model.config.text_config.pad_token_id)
-    labels = torch.full((len(examples), length), IGNORE)
-    attention_mask = torch.zeros(len(examples), length, dtype=torch.long)
-    for row, e in enumerate(examples):
-        input_ids[row, : len(e.input_ids)] = e.input_ids
-        labels[row, : len(e.labels)] = e.labels
-        attention_mask[row, : len(e.input_ids)] = 1
-    grid = torch.cat([e.image_grid_thw for e in examples])
     detection = [e.detection_images for e in examples if e.detection_images is not None]
     return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        # with right padding, numbering the batch at once gives each row its own rope_index
-        "position_ids": rope_index(model, input_ids, grid),
+        **padded_batch(examples, model, model.config.text_config.pad_token_id),
         **collate_views(examples),
         "detection_images": torch.cat(detection).half() if detection else None,
         "focus": torch.cat([torch.cat([torch.full((len(e.focus), 1), row), e.focus], 1)

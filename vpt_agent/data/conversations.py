@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from ..model.reference import rope_index
 from ..perception.crop import crop
 from ..perception.dino import preprocess_dino
 from ..perception.qwen_image import num_image_tokens, qwen_pixel_values
@@ -222,3 +223,20 @@ class _Turns:
 def _ids(tokenizer, text: str) -> list[int]:
     """Template text (special tokens recognised)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def padded_batch(samples: Sequence, model, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The text part of a training batch of `samples` (each with ``input_ids``, ``labels`` and
+    ``image_grid_thw``): right-padded ids and labels, attention mask, and M-RoPE `position_ids`
+    (3, B, L) numbered by `model`, all rows at once (with right padding each row gets its own)."""
+    length = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_token_id)
+    labels = torch.full((len(samples), length), IGNORE)
+    attention_mask = torch.zeros(len(samples), length, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        input_ids[row, : len(sample.input_ids)] = sample.input_ids
+        labels[row, : len(sample.labels)] = sample.labels
+        attention_mask[row, : len(sample.input_ids)] = 1
+    with torch.no_grad():
+        position_ids = rope_index(model, input_ids, torch.cat([s.image_grid_thw for s in samples]))
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}

@@ -98,14 +98,7 @@ def read_dataset(path: str | Path) -> Dataset:
     """Read a VPT_Datasets JSON list. A bad item becomes an `EvalItem` with a `problem`; an item
     whose id repeats an earlier one is left out and reported in `Dataset.problems`."""
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"no such dataset file: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path} is not a readable JSON file: {exc}") from None
-    if not isinstance(records, list):
-        raise DatasetError(f"{path} must hold a JSON list of items, not a {type(records).__name__}")
+    records = read_records(path)
     items: list[EvalItem] = []
     problems: list[str] = []
     first: dict[str, int] = {}
@@ -117,6 +110,19 @@ def read_dataset(path: str | Path) -> Dataset:
         first[item.id] = index
         items.append(item)
     return Dataset(path.stem, path.resolve(), tuple(items), tuple(problems))
+
+
+def read_records(path: Path) -> list[Any]:
+    """The JSON list of a VPT_Datasets file, unchecked item by item; a `DatasetError` if there is none."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"no such dataset file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path} is not a readable JSON file: {exc}") from None
+    if not isinstance(records, list):
+        raise DatasetError(f"{path} must hold a JSON list of items, not a {type(records).__name__}")
+    return records
 
 
 def parse_item(record: Any, index: int, root: Path) -> EvalItem:
