@@ -157,18 +157,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     (loaded with `weights_only=True`; a pickle that tries to run code is refused)."""
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
-        safetensors = file.suffix == ".safetensors"
-        try:
-            part = _read_safetensors(file) if safetensors else _read_pickle(file)
-        except Exception as exc:  # foreign data fails in many ways (unpickling, zip, header, I/O)
-            kind = "safetensors file" if safetensors else "plain tensor pickle"
-            reason = f"{type(exc).__name__}: " + str(exc).partition("\n")[0]
-            raise CheckpointError(f"refused to load {file.name}: not a {kind} ({reason})") from exc
-        if not isinstance(part, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()
-        ):
-            raise CheckpointError(f"refused to load {file.name}: it does not map names to tensors")
-        state.update(part)
+        state.update(read_weight_file(file))
+    return state
+
+
+def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one `.safetensors` file, else of a tensor pickle (`.bin`, `.pth`: `weights_only=True`);
+    a `CheckpointError` naming the file for anything else."""
+    safetensors = file.suffix == ".safetensors"
+    try:
+        state = _read_safetensors(file) if safetensors else _read_pickle(file)
+    except Exception as exc:  # foreign data fails in many ways (unpickling, zip, header, I/O)
+        kind = "safetensors file" if safetensors else "plain tensor pickle"
+        reason = f"{type(exc).__name__}: " + str(exc).partition("\n")[0]
+        raise CheckpointError(f"refused to load {file.name}: not a {kind} ({reason})") from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"refused to load {file.name}: it does not map names to tensors")
     return state
 
 

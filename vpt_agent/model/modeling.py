@@ -100,21 +100,23 @@ class VPTMixin:
         path = resolve_checkpoint_dir(path_or_id)
         if config is None:  # the Auto classes pass the config they already read
             config = load_config(path, **config_overrides)
-        dtype = dtype or torch_dtype
+        model = meta_model(config)
+        model.load_weights(convert_state_dict(read_state_dict(path), model), device_map, dtype or torch_dtype)
+        model.image_processor = load_image_processor(path, config)
+        return model.eval()
+
+    def load_weights(self, state: dict[str, torch.Tensor], device_map: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> None:
+        """Give this `meta_model` every weight from `state` (this library's names; a `CheckpointError`
+        for any missing, unexpected or mis-shaped one), as owned copies on `device_map` in `dtype`."""
         device = resolve_device(device_map)
-        with torch.device("meta"):  # no weights allocated, nothing initialised; the context is this thread's
-            model = vpt_model_class(config)(config)
-        state = convert_state_dict(read_state_dict(path), model)  # tensors mapped from the files
-        check_state_dict(state, model)
+        check_state_dict(state, self)
         state = {key: value.to(device, dtype if dtype and value.is_floating_point() else value.dtype, copy=True)
                  for key, value in state.items()}  # one owned copy each, in the target dtype
-        model.load_state_dict(state, strict=False, assign=True)
-        del state
-        model.image_processor = load_image_processor(path, config)
-        if config.tie_word_embeddings:
-            model.tie_weights()
-        _materialize_buffers(model, device)
-        return model.eval()
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            self.tie_weights()
+        _materialize_buffers(self, device)
 
     def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
         """Write `config.json`, `preprocessor_config.json` and `model.safetensors` (this library's key names)."""
@@ -321,6 +323,13 @@ VPT_MODELS: dict[type[VPTFields], type[VPTMixin]] = {
     VPTConfig: VPTForConditionalGeneration, VPTQwen2_5Config: VPTQwen2_5ForConditionalGeneration,
 }
 """VPT config class -> its model class."""
+
+
+def meta_model(config: VPTFields) -> VPTMixin:
+    """The VPT model of `config` on the meta device: no weights allocated, nothing initialised (the
+    context is this thread's); `VPTMixin.load_weights` gives it its weights."""
+    with torch.device("meta"):
+        return vpt_model_class(config)(config)
 
 
 def vpt_model_class(config: VPTFields) -> type[VPTMixin]:

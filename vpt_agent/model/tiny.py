@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..tokens import CONFIG_TOKEN_FIELDS
 from .config import VPTFields, config_class_for
 from .modeling import vpt_model_class
 from .tokenizer import build_char_tokenizer, special_ids
@@ -37,12 +38,15 @@ def tiny_vision_config(arch: str, hidden: int) -> dict[str, Any]:
     raise ConfigError(f"unknown arch {arch!r}: qwen2_vl or qwen2_5_vl")
 
 
-def tiny_config(tokenizer, branches: Sequence[str] = ("dino", "sam", "clip"), hidden: int = 64, *,
-                arch: str = "qwen2_vl", **overrides) -> VPTFields:
-    """A VPT config on `arch` ("qwen2_vl" or "qwen2_5_vl") a few hundred thousand parameters large,
-    matching `tokenizer`'s ids."""
-    ids = special_ids(tokenizer)
-    fields: dict[str, Any] = dict(
+QWEN_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+"""The token-id fields of a plain Qwen2-VL / Qwen2.5-VL config."""
+
+
+def tiny_base_fields(tokenizer, hidden: int = 64, arch: str = "qwen2_vl") -> dict[str, Any]:
+    """The fields of a plain `arch` config ("qwen2_vl" or "qwen2_5_vl") a few hundred thousand parameters
+    large, matching `tokenizer`'s chat token ids (no VPT field)."""
+    vocab = tokenizer.get_vocab()
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -54,12 +58,24 @@ def tiny_config(tokenizer, branches: Sequence[str] = ("dino", "sam", "clip"), hi
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         vision_config=tiny_vision_config(arch, hidden),
+        initializer_range=0.1,
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{field: vocab[CONFIG_TOKEN_FIELDS[field]] for field in QWEN_TOKEN_FIELDS},
+    )
+
+
+def tiny_config(tokenizer, branches: Sequence[str] = ("dino", "sam", "clip"), hidden: int = 64, *,
+                arch: str = "qwen2_vl", **overrides) -> VPTFields:
+    """A VPT config on `arch` ("qwen2_vl" or "qwen2_5_vl") a few hundred thousand parameters large,
+    matching `tokenizer`'s ids."""
+    fields: dict[str, Any] = dict(
+        tiny_base_fields(tokenizer, hidden, arch),
         vision_encoder_ls=list(branches),
         detection_encoder_config=dict(TINY_DINO),
         seg_encoder_config=dict(TINY_SAM),
-        initializer_range=0.1,
-        bos_token_id=ids["pad_token_id"],
-        **ids,
+        **special_ids(tokenizer),
     )
     fields.update(overrides)
     return config_class_for(arch)(**fields)  # arch is the base model_type

@@ -16,21 +16,20 @@ UNK_TOKEN = "<unk>"
 """Any other character (id 96); the special tokens follow in ALL_SPECIAL_TOKENS order (97…133)."""
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """A deterministic character-level tokenizer with every VPT / chat special token (134 ids).
+def build_char_tokenizer(special: Sequence[str] = ALL_SPECIAL_TOKENS) -> PreTrainedTokenizerFast:
+    """A deterministic character-level tokenizer with the ``special`` tokens (default every VPT / chat
+    one: 134 ids; ``CHAT_TOKENS`` alone: a plain Qwen2-VL's, 104 ids).
 
     Pad is ``<|endoftext|>``, eos ``<|im_end|>``; decoding joins characters without spaces.
     """
     vocab = {char: i for i, char in enumerate(CHAR_ALPHABET)}
-    for token in (UNK_TOKEN, *ALL_SPECIAL_TOKENS):
+    for token in (UNK_TOKEN, *special):
         vocab[token] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in (UNK_TOKEN, *ALL_SPECIAL_TOKENS)]
-    )
-    return _wrap(backend, unk_token=UNK_TOKEN)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (UNK_TOKEN, *special)])
+    return _wrap(backend, special, unk_token=UNK_TOKEN)
 
 
 def build_bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -44,16 +43,16 @@ def build_bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrai
     )
     backend.train_from_iterator(corpus, trainer)
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ALL_SPECIAL_TOKENS])
-    return _wrap(backend)
+    return _wrap(backend, ALL_SPECIAL_TOKENS)
 
 
-def _wrap(backend: Tokenizer, **tokens: str) -> PreTrainedTokenizerFast:
-    """Pad ``<|endoftext|>``, eos ``<|im_end|>``, the other special tokens as extras."""
+def _wrap(backend: Tokenizer, special: Sequence[str], **tokens: str) -> PreTrainedTokenizerFast:
+    """Pad ``<|endoftext|>``, eos ``<|im_end|>``, the other ``special`` tokens as extras."""
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=ENDOFTEXT,
         eos_token=IM_END,
-        extra_special_tokens=[t for t in ALL_SPECIAL_TOKENS if t not in (ENDOFTEXT, IM_END)],
+        extra_special_tokens=[t for t in special if t not in (ENDOFTEXT, IM_END)],
         clean_up_tokenization_spaces=False,
         **tokens,
     )

@@ -206,6 +206,18 @@ def convert_hf_dinov2_state_dict(
     return check_converted(out, model)
 
 
+def convert_timm_dinov2_state_dict(
+    state_dict: dict[str, torch.Tensor], model: DinoEncoder
+) -> dict[str, torch.Tensor]:
+    """A DINOv2 state dict in timm's (= the original ``dinov2_vit*14_pretrain.pth``'s) names for ``model``:
+    ``mask_token`` dropped, the position table resampled to the model's grid; a CheckpointError for
+    anything that would not load with ``strict=True``."""
+    out = {key: value for key, value in state_dict.items() if key != "mask_token"}
+    if "pos_embed" in out:
+        out["pos_embed"] = _resample_pos_embed(out["pos_embed"], tuple(model.patch_embed.grid_size))
+    return check_converted(out, model)
+
+
 def preprocess_dino(image: torch.Tensor, max_side: int | None = DINO_REGULARIZE_MAX_SIDE) -> torch.Tensor:
     """A uint8 (3, H, W) image as a normalized float32 (3, 224, 224) DINOv2 input, on its device.
 

@@ -16,14 +16,21 @@ from .options import SFTOptions
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
     """Add ``train`` to the CLI's subcommands. Options left out keep the --config file's value, else
     `SFTOptions`' default."""
-    parser = commands.add_parser("train", help="fine-tune a VPT checkpoint on VPT_Datasets files (LoRA or full)",
+    parser = commands.add_parser("train", help="fine-tune a VPT (or plain Qwen2-VL) checkpoint on VPT_Datasets files",
                                  argument_default=argparse.SUPPRESS)
-    parser.add_argument("--base", metavar="DIR", help="the VPT checkpoint to start from")
+    parser.add_argument("--base", metavar="DIR",
+                        help="the checkpoint to start from: a VPT one, or a plain Qwen2-VL / Qwen2.5-VL one (the VPT "
+                             "tokens, fields and the --branch's encoder and projector are added)")
     parser.add_argument("--data", action="append", metavar="FILE.json",
                         help="a VPT_Datasets file (repeat to mix several)")
     parser.add_argument("--out", metavar="DIR", help="checkpoints, then the trained model, go here")
     parser.add_argument("--branch", choices=tuple(BRANCHES),
-                        help="train every re-encoding turn as this branch's (default: the branch each turn names)")
+                        help="train every re-encoding turn as this branch's (default: the branch each turn names); "
+                             "on a plain --base, the branch the model gets (default clip: its own ViT)")
+    parser.add_argument("--dino", metavar="FILE", help="a plain --base's DINOv2 weights for --branch dino (timm / "
+                        "transformers safetensors or .pth; architecture: dino_config in --config, default DINOv2-L)")
+    parser.add_argument("--sam", metavar="FILE", help="a plain --base's SAM weights for --branch sam (segment-anything's "
+                        ".pth or safetensors; architecture: sam_config in --config, default SAM ViT-L)")
     method = parser.add_mutually_exclusive_group()
     method.add_argument("--lora", dest="method", action="store_const", const="lora",
                         help="LoRA adapters on the LLM's linear layers, merged on save (the default)")

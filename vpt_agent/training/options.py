@@ -13,10 +13,20 @@ class SFTOptions:
     """One training run (the command's options; a --config file sets the same names)."""
 
     base: str
+    """A VPT checkpoint, or a plain Qwen2-VL / Qwen2.5-VL one (made a VPT model with the ``branch``)."""
     data: list[str]
     out: str
     branch: str | None = None
-    """Train every re-encoding turn as this branch's (default: the branch each turn names)."""
+    """Train every re-encoding turn as this branch's (default: the branch each turn names; on a plain
+    base, clip)."""
+    dino: str | None = None
+    """A plain base's DINOv2 weights (``--branch dino``): a safetensors file or a tensor pickle."""
+    sam: str | None = None
+    """A plain base's SAM weights (``--branch sam``): segment-anything's checkpoint or a safetensors file."""
+    dino_config: dict | None = None
+    """The architecture of ``dino`` (a ``Dinov2Config`` dict; default the released DINOv2-L)."""
+    sam_config: dict | None = None
+    """The architecture of ``sam`` (a ``SamVisionConfig`` dict; default the released SAM ViT-L)."""
     method: Literal["lora", "full", "projectors"] = "lora"
     """LoRA on the LLM (+ the projectors), the whole LLM (+ the projectors), or the VPT projectors
     alone (the paper's alignment stage, before training the whole model)."""

@@ -1,5 +1,6 @@
 """Supervised fine-tuning of a VPT checkpoint on VPT_Datasets files with transformers' `Trainer`:
-LoRA (peft) or full fine-tuning, saved in the layout `build_graph` loads.
+LoRA (peft) or full fine-tuning, saved in the layout `build_graph` loads. A plain Qwen2-VL / Qwen2.5-VL
+base is first made a VPT model with one branch (`vpt_agent.model.from_base`).
 
 What trains: LoRA adapters on the LLM's linear layers (merged into the base on save by default),
 or every LLM weight (embeddings and head included); in both, the VPT projectors are trained in
@@ -17,6 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from ..graph import load_model
+from ..model.from_base import is_plain_base, vpt_from_base
 from ..tokens import BRANCHES
 from .data import Collator, SFTDataset, read_sft_items
 from .options import SFTOptions
@@ -27,6 +29,8 @@ FROZEN = ("model.visual.", "detection_model.", "seg_model.")
 """Parameter prefixes never trained: the ViT with its merger, the DINOv2 and SAM encoders."""
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-5, "projectors": 1e-3}
 """Peak learning rate by method when `SFTOptions.lr` is unset."""
+PLAIN_BRANCH = "clip"
+"""A plain base's branch without --branch: the model's own ViT, which needs no other weights."""
 LOG = "train_log.jsonl"
 """Written to the output folder: one line per logged step (loss, learning rate, ...)."""
 
@@ -44,15 +48,16 @@ def train(options: SFTOptions) -> Path:
     if last is not None and not options.resume:
         raise ConfigError(f"{out} holds checkpoints of an earlier run: --resume continues it, or choose another --out")
     set_seed(options.seed)
-    model, tokenizer = load_model(options.base, device="cpu", dtype=torch.float32)  # Trainer places it
-    items = read_sft_items(options.data, model.config.branches, options.branch)
+    plain = is_plain_base(options.base)
+    model, tokenizer = _from_base(options) if plain else _from_vpt(options)
+    items = read_sft_items(options.data, model.config.branches, options.branch or (PLAIN_BRANCH if plain else None))
     if options.method == "projectors":  # the projectors see only re-encoding turns
         items = [item for item in items if any(r.kind == "reencode" for r in item.rounds)]
         if not items:
             raise ConfigError("--projectors trains on re-encoding conversations; the --data files hold none")
     dataset = SFTDataset(items, tokenizer, model.image_processor, model.config.image_max_pixels)
     collator = Collator(model, model.config.text_config.pad_token_id)
-    trained = _trainable(model, options)
+    trained = _trainable(model, options, new_tokens=plain)
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=options.max_steps,
@@ -91,6 +96,21 @@ def train(options: SFTOptions) -> Path:
     return out
 
 
+def _from_vpt(options: SFTOptions):
+    """(model, tokenizer) of the VPT checkpoint ``options.base``, in float32 on the CPU (Trainer places it)."""
+    if options.dino or options.sam:
+        raise ConfigError(f"--dino / --sam give a plain base its encoders; {options.base} is a VPT checkpoint")
+    return load_model(options.base, device="cpu", dtype=torch.float32)
+
+
+def _from_base(options: SFTOptions):
+    """(model, tokenizer): the plain checkpoint ``options.base`` made a VPT model with ``options.branch``
+    (default clip) and its encoder's weights, in float32 on the CPU."""
+    configs = {"dino": options.dino_config, "sam": options.sam_config}
+    return vpt_from_base(options.base, [options.branch or PLAIN_BRANCH], {"dino": options.dino, "sam": options.sam},
+                         {branch: config for branch, config in configs.items() if config}, dtype=torch.float32)
+
+
 def last_checkpoint(out: Path) -> str | None:
     """The last complete ``checkpoint-N`` folder in ``out``: `Trainer` writes its ``trainer_state.json``
     last, so a run killed while saving leaves a folder without a readable one, which is passed over."""
@@ -115,15 +135,18 @@ def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Ten
     return total / count
 
 
-def _trainable(model, options: SFTOptions):
+def _trainable(model, options: SFTOptions, new_tokens: bool = False):
     """The model to train: ``model`` with only its trained parameters requiring gradients, or its
-    peft LoRA wrapper."""
+    peft LoRA wrapper (which, with ``new_tokens``, trains the embedding and head in full too: their
+    new rows start alike)."""
     projectors = [f"{BRANCHES[b].prefix}_projector" for b in model.config.branches]
     if options.method == "lora":
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                            target_modules=LLM_LINEAR, modules_to_save=projectors)
+                            target_modules=LLM_LINEAR,
+                            modules_to_save=projectors + (["embed_tokens", "lm_head"] if new_tokens else []),
+                            ensure_weight_tying=model.config.tie_word_embeddings)
         return get_peft_model(model, config)
     for name, param in model.named_parameters():  # "projectors": the paper's alignment stage
         param.requires_grad_(name.startswith(tuple(projectors)) if options.method == "projectors"
