@@ -28,6 +28,9 @@ from vpt_agent.example import example
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SERVE = README[README.index("## Serve\n") : README.index("\n## ", README.index("## Serve\n") + 1)]
+(COMMAND,) = [line for line in SERVE.splitlines() if line.startswith("langgraph dev")]
+README_PORT = re.search(r"--port (\d+)", COMMAND)[1]
+"""The README's port; the test serves on a free one instead."""
 START_SECONDS = 180
 LANGGRAPH = shutil.which("langgraph") or str(Path(sys.executable).parent / "langgraph")
 
@@ -35,9 +38,9 @@ LANGGRAPH = shutil.which("langgraph") or str(Path(sys.executable).parent / "lang
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
     """The URL of `langgraph dev` run from the repository root on a free port; stopped afterwards."""
-    (command,) = [line for line in SERVE.splitlines() if line.startswith("langgraph dev")]
     port = _free_port()
-    argv = [LANGGRAPH, *command.split()[1:], "--port", str(port), "--no-browser", "--no-reload"]
+    argv = [LANGGRAPH, *COMMAND.replace(f"--port {README_PORT}", f"--port {port}").split()[1:], "--no-browser",
+            "--no-reload"]
     log = tmp_path_factory.mktemp("server") / "server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -99,7 +102,7 @@ def test_the_readme_client_snippet(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code.replace("http://127.0.0.1:2024", server), "README.md", "exec"), {})
+        exec(compile(code.replace(f"http://127.0.0.1:{README_PORT}", server), "README.md", "exec"), {})
     expected = build_graph().invoke({"image": "photo.png", "q": "What is written on the sign?"})
     assert out.getvalue().splitlines() == [f"{expected['answer']} {expected['regions']}", expected["answer"]]
 
