@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from importlib.metadata import version
@@ -19,7 +18,7 @@ from vpt_agent.cli import DEMO_NOTE, main
 from vpt_agent.example import example
 from vpt_agent.model import demo
 
-SCRIPT = shutil.which("vpt-agent") or str(Path(sys.executable).parent / "vpt-agent")
+SCRIPT = str(Path(sys.executable).parent / "vpt-agent")  # this environment's console script
 DEMO_LOADING = "vpt-agent: loading the bundled demo model (cpu, float32)..."
 KEYS = {"image", "question", "answer", "actions", "regions", "steps", "error", "warnings", "note"}
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -95,7 +94,6 @@ def test_two_workers_give_the_predictions_of_one(checkpoint, dataset, one_rank, 
     assert summary["modes"]["region"]["scored"] == 22
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
 def test_torchrun_ranks_give_the_predictions_of_one(checkpoint, dataset, tmp_path):
     """The multi-node path (ranks from the launcher's environment), as 2 ranks on this machine."""
     # the forced region is not a CLI option: compare with a one-rank CLI run instead

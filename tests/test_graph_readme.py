@@ -92,7 +92,7 @@ def _first_answer(ns: dict) -> str:
 def test_readme_cli_command(photo_dir):
     assert len(COMMANDS) == 1
     argv = shlex.split(COMMANDS[0])
-    script = shutil.which("vpt-agent") or str(Path(sys.executable).parent / "vpt-agent")
+    script = str(Path(sys.executable).parent / "vpt-agent")
     done = subprocess.run([script, *argv[1:]], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # one document, nothing else on stdout

@@ -32,7 +32,7 @@ SERVE = README[README.index("## Serve\n") : README.index("\n## ", README.index("
 README_PORT = re.search(r"--port (\d+)", COMMAND)[1]
 """The README's port; the test serves on a free one instead."""
 START_SECONDS = 180
-LANGGRAPH = shutil.which("langgraph") or str(Path(sys.executable).parent / "langgraph")
+LANGGRAPH = str(Path(sys.executable).parent / "langgraph")  # this environment's CLI
 
 
 @pytest.fixture(scope="module")
