@@ -247,15 +247,18 @@ def test_two_processes_give_one_process_losses(base, data, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert done.stderr.count(" 0/4 [") == 1 and " 4/4 [" in done.stderr  # one progress bar, the first process's
+    assert "{'loss': " in done.stderr and done.stdout.strip() == str(tmp_path / "two")  # stdout: the result alone
 
 
-def test_a_config_file_bf16_checkpointing_and_an_unmerged_adapter(base, data, tmp_path):
-    """Options from a JSON --config (the command line wins); the peft adapter saved alone."""
+def test_a_config_file_bf16_checkpointing_and_an_unmerged_adapter(base, data, tmp_path, capsys):
+    """Options from a JSON --config (the command line wins); the peft adapter saved alone; no progress bar."""
     out = tmp_path / "out"
     config = dict(base=str(base), data=[str(data[0])], out=str(out), max_steps=3, logging_steps=1, bf16=True,
                   gradient_checkpointing=True, merge_lora=False)
     (tmp_path / "sft.json").write_text(json.dumps(config))
-    assert main(["train", "--config", str(tmp_path / "sft.json"), "--max-steps", "2"]) == 0
+    assert main(["train", "--config", str(tmp_path / "sft.json"), "--max-steps", "2", "--no-progress"]) == 0
+    assert "2/2 [" not in capsys.readouterr().err
     assert len(losses(out)) == 2 and all(0 < loss < 20 for loss in losses(out))
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
 

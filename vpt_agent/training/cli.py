@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,15 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--logging-steps", type=int, metavar="N", help="log the loss every N steps (default 10)")
     parser.add_argument("--report-to", type=_names, metavar="NAME[,NAME...]",
                         help="transformers integrations to log to: tensorboard, wandb, ... (default none)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (steps, elapsed, ETA) and logged losses on stderr")
     parser.add_argument("--seed", type=int, metavar="N", help="seed of the LoRA init and the data order (default 42)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--config", metavar="FILE", help="a .yaml or .json file of these options (underscored names)")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train and print where the model was saved."""
+    """Train and print where the model was saved (stdout holds nothing else)."""
     config = getattr(args, "config", None)
     given = {key: value for key, value in vars(args).items() if key not in ("command", "config")}
     values = {**(_read_config(Path(config)) if config else {}), **given}
@@ -76,7 +79,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     from .trainer import train  # heavy imports only once the arguments are valid
 
-    print(train(options))
+    out = train(options)
+    if os.environ.get("RANK", "0") == "0":  # torchrun / accelerate launch: the first process says it once
+        print(out)
     return 0
 
 

@@ -54,6 +54,8 @@ class SFTOptions:
     resume: bool = False
     workers: int = 0
     """DataLoader worker processes (0: conversations are built in the training process)."""
+    progress: bool = True
+    """Trainer's progress bar (steps, elapsed, ETA) and logged losses on stderr, by the first process."""
 
     def check(self) -> None:
         """A `ConfigError` for values no run can use (before anything heavy loads)."""

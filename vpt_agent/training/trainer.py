@@ -10,7 +10,9 @@ global batch (every rank and accumulation step together), so N processes give 1 
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -82,11 +84,12 @@ def train(options: SFTOptions) -> Path:
         dataloader_num_workers=options.workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=True,  # a batch without a branch's turn leaves its projector unused
-        disable_tqdm=True,
+        disable_tqdm=not options.progress,
     )
     trainer = Trainer(model=trained, args=args, train_dataset=dataset, data_collator=collator,
                       processing_class=tokenizer, compute_loss_func=token_mean_loss)
-    trainer.train(resume_from_checkpoint=last)
+    with contextlib.redirect_stdout(sys.stderr):  # the progress bar's loss lines: stdout is the result's path
+        trainer.train(resume_from_checkpoint=last)
     if trainer.is_world_process_zero():
         _save(trainer.model, tokenizer, out, options)
         with (out / LOG).open("w") as log:
