@@ -31,7 +31,7 @@ from vpt_agent.prompts import build_question
 from vpt_agent.tokens import BRANCHES, IM_END, REGION_END, REGION_START, parse_actions
 from vpt_agent.training.data import Collator, build_sample, read_sft_items
 from vpt_agent.training.options import SFTOptions
-from vpt_agent.training.trainer import LOG, last_checkpoint, train
+from vpt_agent.training.trainer import LOG, last_checkpoint, token_mean_loss, train
 
 MAX_PIXELS = 112 * 112
 """The tiny base's ViT sees at most 4x4 merged tokens an image: steps of a fraction of a second."""
@@ -142,6 +142,60 @@ def test_several_regions_are_shown_as_numbered_crops(data, tmp_path):
     sample = build_sample(item, load_image(item.image), tokenizer, model.image_processor, MAX_PIXELS)
     assert sample.input_ids.tolist() == session_conversation(model, tokenizer, path)
     assert len(sample.image_grid_thw) == 3 and "Region 1: " in tokenizer.decode(sample.input_ids)
+
+
+def test_the_loss_reads_only_the_logits_it_needs(data):
+    """The collator's `logits_to_keep` (positions followed by a supervised token) gives the loss and
+    the gradients of every position's logits, from a few of the positions."""
+    model, tokenizer = tiny_vpt_model(branches=("dino",), image_max_pixels=MAX_PIXELS)
+    items = [read_sft_items([path], ("dino",))[0] for path in data]
+    batch = Collator(model, model.config.text_config.pad_token_id)(
+        [build_sample(item, load_image(item.image), tokenizer, model.image_processor, MAX_PIXELS) for item in items])
+    labels, keep = batch.pop("labels"), batch.pop("logits_to_keep")
+    assert 0 < len(keep) < labels.shape[1] // 2
+    assert torch.equal(keep, (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1))
+    results = []
+    for kept in (keep, 0):
+        model.zero_grad()
+        outputs = model(**batch, logits_to_keep=kept)
+        loss = token_mean_loss(outputs, labels)
+        loss.backward()
+        results.append((outputs.logits.shape[1], loss.item(), model.lm_head.weight.grad.clone()))
+    (kept_positions, kept_loss, kept_grad), (all_positions, all_loss, all_grad) = results
+    assert (kept_positions, all_positions) == (len(keep), labels.shape[1])
+    assert kept_loss == pytest.approx(all_loss, rel=1e-6)
+    with torch.no_grad():  # the model's own loss from the collator's whole batch: the mean over supervised tokens
+        assert model(**batch, labels=labels, logits_to_keep=keep).loss.item() == pytest.approx(
+            model(**batch, labels=labels).loss.item(), rel=1e-6)
+    torch.testing.assert_close(kept_grad, all_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_runs_no_backward_through_the_frozen_vision_tower(data):
+    """With activation checkpointing on (as the trainer turns it on), the token embeddings' output
+    requires gradients and the ViT's does not; loss and gradients equal those without checkpointing."""
+    model, tokenizer = tiny_vpt_model(branches=("dino",), image_max_pixels=MAX_PIXELS)
+    model.train()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("model.language_model.layers."))
+    item = read_sft_items([data[0]], ("dino",))[0]
+    batch = Collator(model, model.config.text_config.pad_token_id)(
+        [build_sample(item, load_image(item.image), tokenizer, model.image_processor, MAX_PIXELS)])
+    labels = batch.pop("labels")
+    seen = {}
+    model.model.visual.register_forward_hook(lambda module, args, out: seen.update(vision=out.pooler_output))
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.update(tokens=out))
+    results = []
+    for checkpointing in (True, False):
+        model.zero_grad()
+        (model.activation_checkpointing_enable if checkpointing else model.activation_checkpointing_disable)()
+        loss = token_mean_loss(model(**batch), labels)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        if checkpointing:
+            assert seen["tokens"].requires_grad and not seen["vision"].requires_grad
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for with_checkpoints, without in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(with_checkpoints, without, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------- training

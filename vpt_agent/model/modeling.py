@@ -78,6 +78,18 @@ class VPTMixin:
                 width = hidden
             setattr(self, f"{prefix}_projector", PROJECTORS[branch](width, hidden))
 
+    def enable_input_require_grads(self) -> None:
+        """Make the token embeddings' output require gradients (what activation checkpointing and
+        adapters need), and nothing else: transformers' default also hooks every sub-model's input
+        embeddings, the vision tower's patch embedding among them, which makes the frozen ViT run
+        a backward (and, checkpointed, its forward twice) in every training step."""
+
+        def require_grads(module, inputs, output) -> None:
+            output.requires_grad_(True)
+
+        self._require_grads_hooks = [self.get_input_embeddings().register_forward_hook(require_grads)]
+        self._require_grads_hook = self._require_grads_hooks[0]  # the name transformers' disable_... also reads
+
     # ------------------------------------------------------------ load / save
     @classmethod
     def from_pretrained(
@@ -207,7 +219,7 @@ class VPTMixin:
         clip_images_grid_thw: torch.LongTensor | None = None,
         injected_features: dict[str, torch.Tensor] | None = None,
         action_conditions: dict[str, torch.Tensor] | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> VPTOutput:
         """Reference-compatible VPT forward.
@@ -218,6 +230,9 @@ class VPTMixin:
         placeholder embeddings instead. `action_conditions[branch]` (n_actions, hidden) gives the
         conditioning vectors; otherwise, with `num_inner_forward_run == 2`, they come from a first
         pass over the prefix that ends at the last action-start token (as the reference does).
+        `logits_to_keep`: logits of the last n positions only (an int; 0: all), or of the positions
+        a 1-D tensor lists (as transformers' models take it; `labels` then score those positions'
+        next tokens).
         """
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
@@ -252,9 +267,17 @@ class VPTMixin:
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state
-        logits = self.lm_head(hidden if not logits_to_keep else hidden[:, -logits_to_keep:])
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden_kept = hidden[:, logits_to_keep]
+        else:
+            hidden_kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        logits = self.lm_head(hidden_kept)
         loss = None
-        if labels is not None:
+        if labels is not None and isinstance(logits_to_keep, torch.Tensor):  # position t's logits predict token t + 1
+            targets = labels[:, 1:][:, logits_to_keep].to(logits.device)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                     ignore_index=-100)
+        elif labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size)
         return VPTOutput(loss=loss, logits=logits, last_hidden_state=hidden, cache=out.cache,
                          action_conditions=conditions or None)

@@ -202,7 +202,8 @@ class SFTDataset(Dataset):
 @dataclass
 class Collator:
     """Right-padded batches with the session's M-RoPE `position_ids` (3, B, L); ``model`` (the VPT
-    model, not a wrapper) only numbers them."""
+    model, not a wrapper) only numbers them. ``logits_to_keep``: the positions whose next token is
+    supervised in some row (`supervised_positions`), the only ones the loss needs logits of."""
 
     model: Any
     pad_token_id: int
@@ -212,6 +213,13 @@ class Collator:
                  "pixel_values": torch.cat([s.pixel_values for s in samples]),
                  "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]),
                  "use_cache": False}  # training keeps no KV cache
+        batch["logits_to_keep"] = supervised_positions(batch["labels"])
         for key in sorted({key for s in samples for key in s.branch_inputs}):
             batch[key] = torch.cat([s.branch_inputs[key] for s in samples if key in s.branch_inputs])
         return batch
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(K,) the sequence positions of (B, L) ``labels`` whose next token is supervised in some row: the
+    logits the next-token loss reads (a few dozen of a sequence's hundreds; each is a vocabulary wide)."""
+    return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..graph import load_model
 from ..model.from_base import is_plain_base, vpt_from_base
 from ..tokens import BRANCHES
-from .data import Collator, SFTDataset, read_sft_items
+from .data import Collator, SFTDataset, read_sft_items, supervised_positions
 from .options import SFTOptions
 
 LLM_LINEAR = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -129,9 +129,13 @@ def last_checkpoint(out: Path) -> str | None:
 
 def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
     """Next-token cross-entropy summed over the supervised tokens, divided by the number of supervised
-    tokens in the whole global batch (``num_items_in_batch``; the batch's own without it)."""
-    logits = outputs.logits[:, :-1].float()
-    targets = labels[:, 1:].to(logits.device)
+    tokens in the whole global batch (``num_items_in_batch``; the batch's own without it). ``outputs``
+    holds the logits of every position, or of the collator's ``logits_to_keep`` alone."""
+    if outputs.logits.shape[1] == labels.shape[1]:
+        logits, targets = outputs.logits[:, :-1], labels[:, 1:]
+    else:
+        logits, targets = outputs.logits, labels[:, 1:][:, supervised_positions(labels)]
+    logits, targets = logits.float(), targets.to(logits.device)
     total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
                                               reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
