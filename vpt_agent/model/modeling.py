@@ -51,6 +51,12 @@ class VPTOutput(ModelOutput):
     action_conditions: dict[str, torch.Tensor] | None = None
 
 
+def next_token_targets(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, K) the labels the logits at (K,) sequence `positions` of (B, L) `labels` predict: position t's
+    logits score token t + 1."""
+    return labels[:, 1:][:, positions]
+
+
 class VPTMixin:
     """The VPT part of a model, mixed in before transformers' class of its base (whose `model` holds
     the vision tower, `get_image_features`, `get_vision_position_ids`, `get_rope_index` and the
@@ -273,8 +279,8 @@ class VPTMixin:
             hidden_kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         logits = self.lm_head(hidden_kept)
         loss = None
-        if labels is not None and isinstance(logits_to_keep, torch.Tensor):  # position t's logits predict token t + 1
-            targets = labels[:, 1:][:, logits_to_keep].to(logits.device)
+        if labels is not None and isinstance(logits_to_keep, torch.Tensor):
+            targets = next_token_targets(labels, logits_to_keep).to(logits.device)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                                      ignore_index=-100)
         elif labels is not None:

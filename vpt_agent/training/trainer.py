@@ -21,6 +21,7 @@ import torch
 from ..errors import ConfigError
 from ..graph import load_model
 from ..model.from_base import is_plain_base, vpt_from_base
+from ..model.modeling import next_token_targets
 from ..tokens import BRANCHES
 from .data import Collator, SFTDataset, read_sft_items, supervised_positions
 from .options import SFTOptions
@@ -134,7 +135,7 @@ def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Ten
     if outputs.logits.shape[1] == labels.shape[1]:
         logits, targets = outputs.logits[:, :-1], labels[:, 1:]
     else:
-        logits, targets = outputs.logits, labels[:, 1:][:, supervised_positions(labels)]
+        logits, targets = outputs.logits, next_token_targets(labels, supervised_positions(labels))
     logits, targets = logits.float(), targets.to(logits.device)
     total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
                                               reduction="sum")
