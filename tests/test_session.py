@@ -43,11 +43,11 @@ def second_round(session, tokenizer, model, row, img, route):
         parsed = parse_actions(ROUTES[route], (img.shape[2], img.shape[1]))
         crops = [crop(img, r.box) for r in parsed.regions]
         session.add_regions(row, crops)
-        pv, grid = qwen_pixel_values([img, *crops])
+        pv, grid = qwen_pixel_values([img, *crops], max_pixels=model.config.image_max_pixels)
         return dict(pixel_values=pv, image_grid_thw=grid)
     session.add_reencode(row, route, branch_features(model, route, [img])[0])
-    pv, grid = qwen_pixel_values([img])
-    return dict(pixel_values=pv, image_grid_thw=grid, **branch_inputs(route, img))
+    pv, grid = qwen_pixel_values([img], max_pixels=model.config.image_max_pixels)
+    return dict(pixel_values=pv, image_grid_thw=grid, **branch_inputs(route, img, model.config.reencode_max_pixels))
 
 
 def stops(session: VPTSession) -> set[int]:
@@ -89,6 +89,20 @@ def check_second_round(model, tokenizer, route: str) -> None:
     with torch.no_grad():
         full = model(input_ids=fed, position_ids=rope_index(model, fed, refs[0]["image_grid_thw"]), **refs[0])
     torch.testing.assert_close(session.rows[0].logits, full.logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_clip_reencodes_within_its_own_pixel_budget():
+    """A model whose clip branch sees more pixels than its global view (`clip_max_pixels`): the
+    re-encoding has more placeholders than the image, and the session still equals a recompute."""
+    model, tokenizer = tiny_vpt_model(seed=0, image_max_pixels=56 * 56, clip_max_pixels=112 * 168)
+    assert model.config.reencode_max_pixels == 112 * 168
+    img = image(90, 140, seed=1)
+    features = branch_features(model, "clip", [img])[0]
+    seen = [int(qwen_pixel_values([img], max_pixels=budget)[1].prod()) // 4 for budget in (112 * 168, 56 * 56)]
+    assert len(features) == seen[0] == 15 > seen[1] == 2  # 84x140 (3x5 merged) against the global 28x56
+    check_second_round(model, tokenizer, "clip")
+    default = tiny_vpt_model(seed=0, image_max_pixels=56 * 56)[0]
+    assert default.config.reencode_max_pixels == 56 * 56  # without it: the global view's budget, as released
 
 
 def test_first_round_greedy_equals_reference(tiny):

@@ -339,6 +339,95 @@ def test_train_saves_a_bundle_and_resumes_exactly(tmp_path):
     assert lrs == pytest.approx([TrainArgs.lr / 3, 2 * TrainArgs.lr / 3])  # fresh moments: warmed up again
 
 
+CLIP_PIXELS = 448 * 448
+"""The clip branch's budget in these tests: twice the demo's global view on each side."""
+
+
+def test_clip_reencoding_conversation_shows_the_whole_image_at_its_budget(item):
+    """The reencode route on the clip branch: the session's layout token for token, one placeholder per
+    merged token of the whole image within the clip budget (more than the global view's), labelled
+    with the glyphs it is fine enough to show, and the answer focused on the object's placeholder."""
+    model, tokenizer = tiny_vpt_model(branches=("dino", "clip"), seed=0, image_max_pixels=DEMO_MAX_PIXELS,
+                                      clip_max_pixels=CLIP_PIXELS)
+    example = build_example(item, "reencode", tokenizer, max_pixels=DEMO_MAX_PIXELS, branch="clip",
+                            clip_max_pixels=CLIP_PIXELS)
+    clip = BRANCHES["clip"]
+    session = VPTSession(model, tokenizer)
+    session.start([item.image], [build_question(item.question, "reencode")])
+    session.generate(3, forced={0: ids(tokenizer, clip.action_text)})
+    features = branch_features(model, "clip", [item.image])[0]
+    session.add_reencode(0, "clip", features)
+    answer = ids(tokenizer, item.answer + IM_END)
+    session.generate(len(answer), forced={0: answer})
+    assert example.input_ids.tolist() == session.conversation(0)
+    assert example.detection_images is None
+    placeholders = [i for i, t in enumerate(example.input_ids.tolist())
+                    if t == tokenizer.convert_tokens_to_ids(clip.image_pad)]
+    n_global = int(example.image_grid_thw[0].prod()) // 4
+    assert len(placeholders) == len(features) == len(example.clip.token_labels) > 3 * n_global
+    (obj,) = item.about
+    (target,) = [k for k, row in enumerate(example.clip.token_labels)
+                 if row[0] == 1 + NAMES.index((obj.colour, obj.shape))]
+    assert GLYPHS[example.clip.token_labels[target, 3]] == item.answer
+    assert (example.token_labels[:, 3] == IGNORE).all()  # the global view still shows no glyph
+    assert {key for _, key, _ in example.focus.tolist()} == {placeholders[target]}
+
+
+def test_clip_reencoding_rows_train_the_vit_on_their_glyphs():
+    """A batch of clip re-encoding conversations: the forward gets the clip views, `TokenHead` their
+    labels after the images' (glyphs included), and a few steps lower the losses."""
+    tokenizer = tiny_vpt_model(branches=("dino",))[1]
+    torch.manual_seed(0)
+    config = demo_config(tokenizer, **TINY, branches=("dino", "clip"), clip_max_pixels=CLIP_PIXELS)
+    model = VPTForConditionalGeneration(config).train()
+    data = Conversations(tokenizer, seed=0, length=64, max_pixels=DEMO_MAX_PIXELS, tasks={"reencode": 1.0},
+                         branch="clip", clip_max_pixels=CLIP_PIXELS)
+    batch = collate([data[i] for i in range(4)], model)
+    assert batch["detection_images"] is None and len(batch["clip_images_grid_thw"]) == 4
+    assert len(batch["clip_token_labels"]) == int(batch["clip_images_grid_thw"].prod(-1).sum()) // 4
+    model.set_attn_implementation("eager")
+    head = TokenHead(model.config.text_config.hidden_size)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-2)
+    steps = [train_step(model, head, batch, optimizer) for _ in range(8)]
+    assert "glyph" in steps[0]  # only the clip views label glyphs here
+    assert steps[-1]["loss"] < 0.75 * steps[0]["loss"]
+    assert steps[-1]["glyph"] < steps[0]["glyph"]
+
+
+def test_init_starts_from_a_checkpoint_with_a_branch_added(tmp_path):
+    """`init`: a trained checkpoint's weights and head under a changed config (a clip branch and its
+    budget): every weight it had is kept, the new projector is added, and the result trains, saves
+    and loads as a graph whose re-encoding mode runs the clip branch."""
+    common = dict(batch_size=2, device="cpu", workers=0, eval_every=0, eval_items=1, log_every=1)
+    first = tmp_path / "first"
+    train(TrainArgs(out=first, steps=1, config_overrides=TINY, **common))
+    grown = tmp_path / "grown"
+    overrides = {"vision_encoder_ls": ["dino", "clip"], "clip_max_pixels": CLIP_PIXELS}
+    train(TrainArgs(out=grown, steps=0, init=first, config_overrides=overrides, **common))
+    before, after = (VPTForConditionalGeneration.from_pretrained(p) for p in (first, grown))
+    assert after.config.branches == ("dino", "clip") and after.config.reencode_max_pixels == CLIP_PIXELS
+    kept = after.state_dict()
+    for name, value in before.state_dict().items():
+        torch.testing.assert_close(kept[name], value, msg=name)
+    assert any(name.startswith("clip_projector") for name in set(kept) - set(before.state_dict()))
+    state = torch.load(grown / "train_state.pt", weights_only=True)
+    assert state["step"] == 0
+    torch.testing.assert_close(state["head"], torch.load(first / "train_state.pt", weights_only=True)["head"])
+    train(TrainArgs(out=grown, steps=2, resume=grown, tasks={"reencode": 1.0}, **common))
+    log = [json.loads(line) for line in (grown / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+
+    from vpt_agent import build_graph
+    graph = build_graph(str(grown))
+    item = generate(5, 1, ("fine_detail",))[0]
+    clip = BRANCHES["clip"]
+    out = graph.invoke({"image": item.image, "q": item.question},
+                       {"configurable": {"mode": "reencode", "force": [clip.action_text]}})
+    (step,) = [step for step in out["steps"] if step["node"] == "clip"]  # (untrained: its answer may be empty)
+    seen = qwen_pixel_values([item.image], max_pixels=CLIP_PIXELS)[1]
+    assert step["error"] is None and step["feature_shape"][0] == int(seen.prod()) // 4
+
+
 def test_minutes_stop_training_and_still_save(tmp_path):
     train(TrainArgs(out=tmp_path, steps=1000, minutes=1e-4, batch_size=1, device="cpu", workers=0,
                     eval_every=0, eval_items=1, config_overrides=TINY))

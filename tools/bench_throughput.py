@@ -15,6 +15,11 @@ time, or the run fails.
 `--modes ...,session` adds the upper bound of batching the questions: all of them as the rows of one
 synchronous `VPTSession`, without the graph (region route only).
 
+`--breakdown` adds where each mode's time goes, per question: the ViT, the LLM, the images' Qwen2-VL
+preprocessing (all three run in the engine's thread), and the rest (the graph, the tools, waiting).
+The model's parts do not shrink by batching as the rest does: their batched sum, against one at a
+time's whole time, bounds the ratio any scheduling of the graph can reach.
+
 Routes: `region` asks fine-detail questions in region mode (the paper's effect); `mixed` cycles
 through region (fine detail), re-encoding (counting), free (existence) and direct (spatial) on
 the demo model. On `--arch 2b` (random weights, which ask for nothing by themselves) the routes
@@ -135,6 +140,35 @@ def session(graph, runs):
     return [{"answer": answer} for answer in answers], [time.perf_counter() - start] * len(runs)
 
 
+class Components:
+    """Seconds spent in the ViT, the LLM and the image preprocessing of every batch (`--breakdown`)."""
+
+    def __init__(self, model) -> None:
+        import vpt_agent.model.batch as batch_module
+
+        self.seconds: dict[str, float] = {}
+        self._wrap(model.model.visual, "forward", "ViT")
+        self._wrap(model.model.language_model, "forward", "LLM")
+        self._wrap(batch_module, "qwen_pixel_values", "image prep")
+
+    def _wrap(self, owner, name: str, part: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def take(self) -> dict[str, float]:
+        """The seconds since the last call."""
+        seconds, self.seconds = self.seconds, {}
+        return seconds
+
+
 MODES = {"one at a time": one_at_a_time, "graph.batch": batch, "threads": threads, "ainvoke": tasks, "session": session}
 
 
@@ -172,6 +206,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--image", type=int, default=504, help="--arch 2b: square image side in pixels")
     parser.add_argument("--answer-tokens", type=int, default=32, help="--arch 2b: tokens per round")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also print the ViT / LLM / image preprocessing time per question of each mode")
     parser.add_argument("--modes", default="one at a time,graph.batch,threads,ainvoke",
                         help="comma-separated, from: " + ", ".join(MODES) + " (session: --routes region only)")
     args = parser.parse_args()
@@ -186,6 +222,7 @@ def main() -> None:
         graph = build_graph(model, tokenizer=tokenizer, max_new_tokens=args.answer_tokens)
     runs = questions(args)
     modes = [m.strip() for m in args.modes.split(",")]
+    components = Components(model) if args.breakdown else None
     with torch.no_grad():
         for inputs, config in runs[:4]:  # warm-up
             graph.invoke(inputs, config)
@@ -193,13 +230,18 @@ def main() -> None:
     walls: dict[str, list[float]] = {m: [] for m in modes}
     latencies: dict[str, list[float]] = {m: [] for m in modes}
     peaks: dict[str, list[float]] = {m: [] for m in modes}
+    parts: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     expected = None
     for _ in range(args.repeats):
         for mode in modes:
             memory.reset()
+            if components:
+                components.take()
             start = time.perf_counter()
             results, seconds = MODES[mode](graph, runs)
             walls[mode].append(time.perf_counter() - start)
+            if components:
+                parts[mode].append(components.take())
             peaks[mode].append(memory.read())
             latencies[mode] += seconds
             answers = [r["answer"] for r in results]
@@ -219,6 +261,22 @@ def main() -> None:
         p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
         print(f"| {mode:14s} | {wall:9.3f} | {args.questions / wall:11.1f} | {base / wall:15.2f}x | "
               f"{statistics.median(lat) * 1000:8.1f} | {p95 * 1000:8.1f} | {max(peaks[mode]):8.0f} |")
+    if components:
+        print_breakdown(modes, walls, parts, args.questions)
+
+
+def print_breakdown(modes, walls, parts, n: int) -> None:
+    """Milliseconds per question in each part (medians over the repeats), and the ratio to the first
+    mode that the model's parts alone allow."""
+    names = ["ViT", "LLM", "image prep"]
+    print(f"\nms per question | {'mode':14s} | " + " | ".join(f"{p:>10s}" for p in [*names, "model", "rest"]) + " |")
+    base = statistics.median(walls[modes[0]])
+    for mode in modes:
+        ms = {p: statistics.median(r.get(p, 0.0) for r in parts[mode]) * 1000 / n for p in names}
+        model = sum(ms.values())
+        rest = statistics.median(walls[mode]) * 1000 / n - model
+        print(f"ms per question | {mode:14s} | " + " | ".join(f"{v:10.1f}" for v in [*ms.values(), model, rest])
+              + f" |  ratio bound {base * 1000 / n / model:.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python3 tools/train_demo.py --device cpu --minutes 60 --batch-size 16 --workers 0 --out demo_ckpt
     python3 tools/train_demo.py --device cuda --minutes 30 --out demo_ckpt
     python3 tools/train_demo.py --device cuda --resume demo_ckpt --out demo_ckpt --run-minutes 5
+    python3 tools/train_demo.py --device cpu --init demo_ckpt --branches dino,clip --clip-max-pixels 200704 --out clip_ckpt
 
 writes demo_ckpt/{model.safetensors,config.json,tokenizer*} (the bundle), train_state.pt and
 optimizer.pt (for --resume; without optimizer.pt a resume re-warms the learning rate) and
@@ -24,6 +25,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=defaults.out, help="checkpoint directory")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint directory (its train_state.pt)")
+    parser.add_argument("--init", type=Path,
+                        help="start a new training from this checkpoint's weights (its config changed by the options below)")
+    parser.add_argument("--branches", help="re-encoding branches of the model, comma-separated (e.g. dino,clip)")
+    parser.add_argument("--clip-max-pixels", type=int,
+                        help="the clip branch's pixel budget (re-encoding the whole image beyond the global view's)")
+    parser.add_argument("--tasks", type=json.loads, help='the task mix as JSON, e.g. {"region": 0.3, "reencode": 0.3}')
     parser.add_argument("--minutes", type=float,
                         help="time budget of all runs of this checkpoint together (then save and evaluate)")
     parser.add_argument("--run-minutes", type=float,
@@ -36,6 +43,14 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs again in forked workers
+    overrides = {}
+    if args.branches:
+        overrides["vision_encoder_ls"] = args.branches.split(",")
+    if args.clip_max_pixels:
+        overrides["clip_max_pixels"] = args.clip_max_pixels
+    args.config_overrides = overrides
+    if args.tasks is None:
+        del args.tasks
     result = train(TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs) if hasattr(args, f.name)}))
     print(json.dumps(result, indent=1))
 

@@ -67,11 +67,21 @@ VISION_TASKS: dict[str, float] = {"block_view": 0.75, "global_view": 0.25}
 """The vision stage's `View`s (`TrainArgs.vision_steps`): crop-scale blocks of 9 characters to read
 (`block_view`), and global scenes (objects, grid cells)."""
 FAMILY_MIX: dict[Family, float] = {"fine_detail": 0.4, "spatial": 0.25, "counting": 0.15, "existence": 0.2}
+PERIODIC_MODES: dict[str, tuple[PromptMode, ...]] = {"dino": ("region", "direct"),
+                                                     "clip": ("region", "reencode", "direct")}
+"""The modes of the evaluations during training (fine_detail items), by re-encoding branch: the clip
+branch's re-encoding is to read what direct answering cannot."""
 TRAIN_STATE = "train_state.pt"
 OPTIMIZER_STATE = "optimizer.pt"
 """AdamW's moments (2x the model): --resume without it starts them afresh and re-warms the rate."""
 DEMO_MAX_PIXELS = 224 * 224
 """The demo model's pixel budget: a square global view is 8x8 merged tokens, one per grid cell."""
+
+
+def reencode_branch(config: VPTConfig) -> str:
+    """The branch the demo's re-encoding conversations use: clip (the model's own ViT within its
+    re-encoding budget) where the model has it, else DINO."""
+    return "clip" if "clip" in config.branches else "dino"
 
 
 def demo_tokenizer():
@@ -135,8 +145,13 @@ class TrainArgs:
     focus_weight: float = 1.0
     """Weight of the attention focus loss (`focus_loss`) next to the LLM's."""
     resume: Path | None = None
+    init: Path | None = None
+    """Start a new training (step 0, fresh optimizer) from this checkpoint's weights and `TokenHead`,
+    its config changed by `config_overrides` (e.g. a clip branch added): what it lacks is initialised."""
     config_overrides: dict = field(default_factory=dict)
-    """`demo_config` overrides for a new model."""
+    """`demo_config` overrides for a new model, or changes to `init`'s config."""
+    tasks: dict[str, float] = field(default_factory=lambda: dict(TASKS))
+    """The conversation stage's task mix (`TASKS`)."""
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -148,9 +163,9 @@ class Conversations(Dataset):
     (an image and its token labels, no text)."""
 
     def __init__(self, tokenizer, seed: int, length: int, max_pixels: int | None = None, group: int = 1,
-                 tasks: dict[str, float] = TASKS):
+                 tasks: dict[str, float] = TASKS, branch: str = "dino", clip_max_pixels: int | None = None):
         self.tokenizer, self.seed, self.length, self.max_pixels, self.group = tokenizer, seed, length, max_pixels, group
-        self.tasks = tasks
+        self.tasks, self.branch, self.clip_max_pixels = tasks, branch, clip_max_pixels
 
     def __len__(self) -> int:
         return self.length
@@ -175,7 +190,8 @@ class Conversations(Dataset):
             return grounding_example(item, self.tokenizer, max_pixels=self.max_pixels)
         if task == "read":
             return reading_example(item, self.tokenizer, max_pixels=self.max_pixels)
-        return build_example(item, task, self.tokenizer, max_pixels=self.max_pixels)
+        return build_example(item, task, self.tokenizer, max_pixels=self.max_pixels, branch=self.branch,
+                             clip_max_pixels=self.clip_max_pixels)
 
 
 def collate(examples: list[Example] | list[View], model: VPTForConditionalGeneration) -> dict[str, torch.Tensor]:
@@ -187,13 +203,22 @@ def collate(examples: list[Example] | list[View], model: VPTForConditionalGenera
     if isinstance(examples[0], View):
         return collate_views(examples)
     detection = [e.detection_images for e in examples if e.detection_images is not None]
+    clip = [e.clip for e in examples if e.clip is not None]
     return {
         **padded_batch(examples, model, model.config.text_config.pad_token_id),
         **collate_views(examples),
         "detection_images": torch.cat(detection).half() if detection else None,
+        **(_clip_inputs(clip) if clip else {}),
         "focus": torch.cat([torch.cat([torch.full((len(e.focus), 1), row), e.focus], 1)
                             for row, e in enumerate(examples)]),
     }
+
+
+def _clip_inputs(views: list[View]) -> dict[str, torch.Tensor]:
+    """The forward's clip branch inputs of a batch's re-encodings, and their token labels."""
+    batch = collate_views(views)
+    return {"clip_pixel_values": batch["pixel_values"], "clip_images_grid_thw": batch["image_grid_thw"],
+            "clip_token_labels": batch["token_labels"]}
 
 
 def collate_views(examples: list[Example | View]) -> dict[str, torch.Tensor]:
@@ -294,6 +319,7 @@ def train_step(model, head: TokenHead, batch: dict[str, torch.Tensor | None], op
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in batch.items()}
     token_labels, focus = batch.pop("token_labels"), batch.pop("focus")
+    clip_labels = batch.pop("clip_token_labels", None)
     merged: list[torch.Tensor] = []
     attention: list[torch.Tensor] = []
     layers = model.model.language_model.layers  # the middle one: those before gather the question's words
@@ -303,7 +329,10 @@ def train_step(model, head: TokenHead, batch: dict[str, torch.Tensor | None], op
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(**batch, use_cache=False).loss
-            vision = head(merged[0], token_labels)
+            # the merger ran on the images, then (re-encoding rows) on the clip branch's views
+            if clip_labels is not None:
+                token_labels = torch.cat([token_labels, clip_labels])
+            vision = head(torch.cat(merged), token_labels)
     finally:
         for hook in hooks:
             hook.remove()
@@ -371,6 +400,15 @@ def load_or_init(args: TrainArgs) -> tuple[VPTForConditionalGeneration, object, 
         head = TokenHead(model.config.text_config.hidden_size)
         head.load_state_dict(state["head"])
         return model, load_tokenizer(args.resume), head, state
+    if args.init:
+        base = VPTForConditionalGeneration.from_pretrained(args.init)
+        config = VPTConfig(**{**base.config.to_dict(), **args.config_overrides})
+        model = VPTForConditionalGeneration(config)
+        if unexpected := model.load_state_dict(base.state_dict(), strict=False).unexpected_keys:
+            raise ValueError(f"{args.init} holds weights the changed config has no place for: {unexpected[:5]}")
+        head = TokenHead(config.text_config.hidden_size)
+        head.load_state_dict(torch.load(args.init / TRAIN_STATE, map_location="cpu", weights_only=True)["head"])
+        return model, load_tokenizer(args.init), head, {"step": 0, "elapsed": 0.0}
     tokenizer = demo_tokenizer()
     model = VPTForConditionalGeneration(demo_config(tokenizer, **args.config_overrides))
     return model, tokenizer, TokenHead(model.config.text_config.hidden_size), {"step": 0, "elapsed": 0.0}
@@ -390,7 +428,8 @@ def train(args: TrainArgs) -> dict:
     def stage(tasks: dict[str, float], collate_fn, first: int, last: int) -> DataLoader:
         return DataLoader(
             Conversations(tokenizer, args.seed, args.steps * args.batch_size, model.config.image_max_pixels,
-                          group=args.batch_size, tasks=tasks),
+                          group=args.batch_size, tasks=tasks, branch=reencode_branch(model.config),
+                          clip_max_pixels=model.config.reencode_max_pixels),
             batch_size=args.batch_size,
             sampler=range(first * args.batch_size, last * args.batch_size),
             collate_fn=collate_fn,
@@ -404,7 +443,7 @@ def train(args: TrainArgs) -> dict:
     # CPU copy of the model to number positions)
     batches = chain.from_iterable([
         stage(VISION_TASKS, collate_views, min(start, vision_end), vision_end),
-        stage(TASKS, partial(collate, model=model), max(start, vision_end), args.steps),
+        stage(args.tasks, partial(collate, model=model), max(start, vision_end), args.steps),
     ])
     model.to(device).train()
     model.set_attn_implementation("eager")  # the focus loss reads attention weights
@@ -466,7 +505,7 @@ def train(args: TrainArgs) -> dict:
                 tqdm.write(f"throughput: {record['items_per_s']:.0f} items/s ({seconds / n:.3f} s/step), "
                            f"data wait {record['data_wait']:.0%}")
         if args.eval_every and step % args.eval_every == 0:
-            result = evaluate(model, tokenizer, eval_items)
+            result = evaluate(model, tokenizer, eval_items, PERIODIC_MODES[reencode_branch(model.config)])
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
             log.write(json.dumps({"step": step, "eval": result}) + "\n")
             save(args.out, model, tokenizer, head, optimizer, step, elapsed())

@@ -7,9 +7,10 @@ suffix), then either the answer, or a perception round and the answer:
 * region: the assistant emits the item's region cells (every covered ``<|x_i|>``, then every
   ``<|y_j|>``) and ``<|im_end|>``; the next user turn shows the crop (region box with the parser's
   one-cell margin; a single object's crop fits in 512 px, so it keeps full resolution);
-* reencode: the assistant emits ``<|detection_action_start|><|detection_action|><|detection_action_end|>``
-  and ``<|im_end|>``; the next user turn holds the 256 ``<|detection_image_pad|>`` placeholders that
-  the conditioned DINO features replace (`detection_images` input).
+* reencode: the assistant emits the branch's ``<|X_action_start|><|X_action|><|X_action_end|>`` and
+  ``<|im_end|>``; the next user turn holds the placeholders that the conditioned features replace:
+  256 ``<|detection_image_pad|>`` for DINO (`detection_images` input), or one ``<|clip_image_pad|>``
+  per merged token of the model's own ViT on the whole image within the clip budget (`Example.clip`).
 
 Routes by prompt mode: ``region`` and ``reencode`` always take their perception round; ``free``
 (no suffix, the model decides) crops for fine_detail and answers the other families directly;
@@ -37,10 +38,9 @@ from ..prompts import (
 )
 from ..tokens import BRANCHES, IM_END, IMAGE_PAD, REGION_END, REGION_START, X_TOKENS, Y_TOKENS, Box, Cells, region_box
 from .synthetic import COLOURS, COMPARING, SHAPES, Item, SceneObject, block_scene, cells_covering
-from .token_labels import IGNORE, labelled_view, token_index, view_labels
+from .token_labels import IGNORE, View, labelled_view, token_index, view_labels
 
 Route = Literal["region", "reencode", "answer"]
-DINO = BRANCHES["dino"]
 GROUNDING_QUESTION = "Where is each shape?"
 """The auxiliary grounding task's question (`grounding_example`)."""
 BLOCK_QUESTION = "What character is in each shape?"
@@ -55,12 +55,14 @@ class Example:
     labels: torch.Tensor  # (L,), IGNORE outside assistant turns
     pixel_values: torch.Tensor  # (P, 1176): the global image, then the crop if any
     image_grid_thw: torch.Tensor  # (n_images, 3)
-    detection_images: torch.Tensor | None  # (1, 3, 224, 224) for the reencode route
+    detection_images: torch.Tensor | None  # (1, 3, 224, 224) for the reencode route, dino branch
     token_labels: torch.Tensor  # (image tokens, 4): `token_labels.view_labels` of each image, in order
     focus: torch.Tensor
     """(n, 3) rows (query position, image token position, head): the supervised token after each
     query position is about the object in that image token, which that attention head is to look
     at (the auxiliary attention loss)."""
+    clip: View | None = None
+    """The reencode route's clip branch input: the whole image within the clip budget, labelled."""
 
 
 def route(item: Item, mode: PromptMode) -> Route:
@@ -84,16 +86,19 @@ def build_example(
     system_prompt: str = DEFAULT_SYSTEM,
     action_labels: bool = True,
     max_pixels: int | None = None,
+    branch: str = "dino",
+    clip_max_pixels: int | None = None,
 ) -> Example:
     """The training conversation of ``item`` under prompt ``mode``.
 
     Supervised: every assistant token and each assistant turn's ``<|im_end|>``. ``action_labels=False``
-    masks ``<|detection_action|><|detection_action_end|>`` as the reference training does (its
-    generate forces the action token after the start token); `VPTSession` forces nothing and stops
-    at the action end, so a model it serves must learn to emit them (the default). ``max_pixels``
-    is the model's ``image_max_pixels``. The region tokens and the answer are focused on the
-    tokens of the objects the question is about (in the global image, then in the last image; a
-    comparison's answer in the global image).
+    masks ``<|X_action|><|X_action_end|>`` as the reference training does (its generate forces the
+    action token after the start token); `VPTSession` forces nothing and stops at the action end,
+    so a model it serves must learn to emit them (the default). ``max_pixels`` is the model's
+    ``image_max_pixels``; ``branch`` the re-encoding branch ("dino", or "clip": the model's own ViT
+    within ``clip_max_pixels``, the model's ``reencode_max_pixels``). The region tokens and the
+    answer are focused on the tokens of the objects the question is about (in the global image,
+    then in the last image or re-encoding; a comparison's answer in the global image).
     """
     kind = route(item, mode)
     views = [(0, 0, *item.size)]
@@ -104,26 +109,34 @@ def build_example(
                               for k, (view, g) in enumerate(zip(views, grid.tolist()))])
     turns = _Turns(tokenizer, first_turn_ids(tokenizer, build_question(item.question, mode),
                                              num_image_tokens(grid[0]), system_prompt))
-    detection_images = None
+    detection_images = clip = None
+    last = (turns.pad, len(views) - 1, views[-1], grid[-1])  # where the answer looks: image pads, which, view, grid
     if kind == "reencode":
-        turns.add(DINO.action_start, supervised=True)
-        turns.add(DINO.action + DINO.action_end, supervised=action_labels)
+        spec = BRANCHES[branch]
+        turns.add(spec.action_start, supervised=True)
+        turns.add(spec.action + spec.action_end, supervised=action_labels)
         turns.add(IM_END, supervised=True)
-        turns.add_ids(reencode_turn_ids(tokenizer, DINO.name, DINO.num_placeholders()))
-        detection_images = preprocess_dino(item.image)[None]
+        if branch == "clip":
+            clip = labelled_view(item.image, item.objects, views[0], clip_max_pixels, glyphs=True)
+            placeholders = num_image_tokens(clip.image_grid_thw[0])
+            last = (tokenizer.convert_tokens_to_ids(spec.image_pad), 0, views[0], clip.image_grid_thw[0])
+        else:
+            detection_images, placeholders = preprocess_dino(item.image)[None], spec.num_placeholders()
+        turns.add_ids(reencode_turn_ids(tokenizer, branch, placeholders))
     elif kind == "region":
         turns.add(region_text(item.cells), supervised=True, focus=[turns.keys(item.about, 0, views[0], grid[0])])
         turns.add(IM_END, supervised=True)
         turns.add_ids(region_turn_ids(tokenizer, [num_image_tokens(grid[1])]))
     # a comparison: one head looks at each object (their mean position says nothing), in the global
     # view, which shows both wherever the model's crop falls; other answers look at the last image
+    # (or the re-encoding)
     comparing = item.family in COMPARING
     about = [(obj,) for obj in item.about] if comparing else [item.about]
-    image = 0 if comparing else len(views) - 1
-    turns.add(item.answer, supervised=True, focus=[turns.keys(objects, image, views[image], grid[image])
+    pad, image, view, view_grid = (turns.pad, 0, views[0], grid[0]) if comparing else last
+    turns.add(item.answer, supervised=True, focus=[turns.keys(objects, image, view, view_grid, pad)
                                                    for objects in about])
     turns.add(IM_END, supervised=True)
-    return turns.example(pixel_values, grid, detection_images, token_labels)
+    return turns.example(pixel_values, grid, detection_images, token_labels, clip)
 
 
 def grounding_example(
@@ -207,17 +220,19 @@ class _Turns:
         self.focus.extend((position - 1, key, head) for position in range(start, start + len(new))
                           for head, keys in enumerate(focus) for key in keys)
 
-    def keys(self, objects, image: int, view: Box, grid_thw: torch.Tensor) -> list[int]:
-        """Positions of the tokens of image number ``image`` (showing ``view``) holding ``objects``."""
-        pads = [i for i, token in enumerate(self.ids) if token == self.pad]
+    def keys(self, objects, image: int, view: Box, grid_thw: torch.Tensor, pad: int | None = None) -> list[int]:
+        """Positions of the tokens of image number ``image`` (showing ``view``) holding ``objects``;
+        ``pad``: the placeholder whose runs are the images (default ``<|image_pad|>``)."""
+        pad = self.pad if pad is None else pad
+        pads = [i for i, token in enumerate(self.ids) if token == pad]
         starts = [p for k, p in enumerate(pads) if k == 0 or pads[k - 1] != p - 1]
         indices = (token_index(obj, view, grid_thw.tolist()) for obj in objects)
         return [starts[image] + index for index in indices if index is not None]
 
-    def example(self, pixel_values, grid, detection_images, token_labels) -> Example:
+    def example(self, pixel_values, grid, detection_images, token_labels, clip: View | None = None) -> Example:
         focus = torch.tensor(self.focus, dtype=torch.long).reshape(-1, 3)
         return Example(torch.tensor(self.ids), torch.tensor(self.labels), pixel_values, grid, detection_images,
-                       token_labels, focus)
+                       token_labels, focus, clip)
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -11,8 +11,8 @@ direction and it learns neither where an object is nor what it holds
   centre it holds;
 * ``x`` / ``y``: the grid cell of the token's centre (global views only: a crop does not show where
   it lies), from which the ViT learns absolute position (its 2D RoPE alone is relative);
-* ``glyph``: the index in `GLYPHS` of the centred object's glyph (crop views only: unreadable in
-  the global view), else `IGNORE`.
+* ``glyph``: the index in `GLYPHS` of the centred object's glyph (crop views, and whole-image
+  re-encodings at reading resolution: unreadable in the global view), else `IGNORE`.
 """
 from __future__ import annotations
 
@@ -46,12 +46,14 @@ class View:
     token_labels: torch.Tensor  # (image tokens, len(COLUMNS))
 
 
-def labelled_view(image: torch.Tensor, objects: Sequence[SceneObject], view: Box, max_pixels: int | None) -> View:
+def labelled_view(image: torch.Tensor, objects: Sequence[SceneObject], view: Box, max_pixels: int | None,
+                  *, glyphs: bool | None = None) -> View:
     """The pixel box ``view`` of the uint8 (3, H, W) scene ``image`` (the whole image: a global view)
-    preprocessed within ``max_pixels``, with its `view_labels`."""
+    preprocessed within ``max_pixels``, with its `view_labels` (``glyphs``: see there)."""
     pixel_values, grid = qwen_pixel_values([crop(image, view)], max_pixels=max_pixels)
     global_view = tuple(view) == (0, 0, image.shape[2], image.shape[1])
-    return View(pixel_values, grid, view_labels(objects, view, grid[0].tolist(), global_view=global_view))
+    return View(pixel_values, grid, view_labels(objects, view, grid[0].tolist(), global_view=global_view,
+                                                glyphs=glyphs))
 
 
 def block_view(seed: int, index: int, max_pixels: int | None) -> View:
@@ -74,10 +76,14 @@ _block_scene = lru_cache(maxsize=4)(block_scene)
 
 
 def view_labels(
-    objects: Sequence[SceneObject], view: Box, grid_thw: Sequence[int], *, global_view: bool
+    objects: Sequence[SceneObject], view: Box, grid_thw: Sequence[int], *, global_view: bool,
+    glyphs: bool | None = None,
 ) -> torch.Tensor:
     """(rows * cols, len(COLUMNS)) labels of the merged tokens (row-major) of the image showing the
-    pixel box ``view`` of a scene, patchified to ``grid_thw`` = (t, h, w) (merged: h/2 x w/2)."""
+    pixel box ``view`` of a scene, patchified to ``grid_thw`` = (t, h, w) (merged: h/2 x w/2);
+    ``glyphs``: whether the view is fine enough to label glyphs (default: crops only, not global
+    views; a whole-image re-encoding at reading resolution labels them too)."""
+    glyphs = not global_view if glyphs is None else glyphs
     rows, cols = int(grid_thw[1]) // 2, int(grid_thw[2]) // 2
     labels = torch.full((rows * cols, len(COLUMNS)), IGNORE, dtype=torch.long)
     labels[:, 0] = 0
@@ -87,7 +93,7 @@ def view_labels(
     for obj in objects:
         if (index := token_index(obj, view, grid_thw)) is not None:
             labels[index, 0] = 1 + NAMES.index((obj.colour, obj.shape))
-            if not global_view:
+            if glyphs:
                 labels[index, 3] = GLYPHS.index(obj.glyph)
     return labels
 

@@ -40,7 +40,9 @@ class VPTFields:
     `detection_encoder_config` / `seg_encoder_config` hold the DINOv2 / SAM architectures
     (transformers `Dinov2Config` / `SamVisionConfig` dicts) and default to the released ones.
     `image_max_pixels` caps the pixels of every image the ViT sees (None: the Qwen2-VL processor's
-    budget, as the released models use; the bundled demo model sees ~224x224).
+    budget, as the released models use; the bundled demo model sees ~224x224); `clip_max_pixels`
+    caps those of the clip branch's re-encoding (None: `image_max_pixels`, as the released models
+    do), so that a re-encoding can show the model what its view of the image lacks.
     """
 
     model_type: str
@@ -56,6 +58,7 @@ class VPTFields:
             "para_mask_ratio": 1.0,
             "alignment": False,
             "image_max_pixels": None,
+            "clip_max_pixels": None,
         }
         for key, value in defaults.items():
             kwargs.setdefault(key, value)
@@ -71,6 +74,11 @@ class VPTFields:
     def branches(self) -> tuple[str, ...]:
         """The re-encoding branches this model has, in the library's names ("dino", "sam", "clip")."""
         return tuple(self.vision_encoder_ls)
+
+    @property
+    def reencode_max_pixels(self) -> int | None:
+        """The clip branch's pixel budget: `clip_max_pixels`, else `image_max_pixels`."""
+        return self.clip_max_pixels if self.clip_max_pixels is not None else self.image_max_pixels
 
     def validate_vpt(self) -> None:
         """Raise `ConfigError` naming every missing VPT field or unknown branch."""

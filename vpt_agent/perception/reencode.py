@@ -12,7 +12,7 @@ from .sam import preprocess_sam
 
 def branch_inputs(branch: str, image: torch.Tensor, max_pixels: int | None = None) -> dict[str, torch.Tensor]:
     """The reference forward's encoder inputs for one uint8 (3,H,W) image (batch of one);
-    ``max_pixels`` is the model's ``image_max_pixels`` (clip only)."""
+    ``max_pixels`` is the model's ``config.reencode_max_pixels`` (clip only)."""
     if branch == "dino":
         return {"detection_images": preprocess_dino(image)[None]}
     if branch == "sam":
@@ -29,7 +29,7 @@ def branch_features(model, branch: str, images: Sequence[torch.Tensor]) -> list[
     param = next(model.parameters())
     images = [image.to(param.device) for image in images]
     if branch == "clip":
-        pixel_values, grid = qwen_pixel_values(images, model.image_processor, max_pixels=model.config.image_max_pixels)
+        pixel_values, grid = qwen_pixel_values(images, model.image_processor, max_pixels=model.config.reencode_max_pixels)
         return model.encode_branch(branch, pixel_values.to(param.dtype), grid)
     preprocess = preprocess_dino if branch == "dino" else preprocess_sam
     return model.encode_branch(branch, torch.stack([preprocess(image) for image in images]).to(param.dtype))

@@ -138,12 +138,16 @@ def _round(text: str, user: str, branches: Sequence[str], branch: str | None) ->
 
 
 def build_sample(item: SFTItem, image: torch.Tensor, tokenizer, image_processor=None,
-                 max_pixels: int | None = None) -> Sample:
-    """The training sequence of ``item`` on its uint8 (3, H, W) ``image``; ``image_processor`` and
-    ``max_pixels`` are the model's (`model.image_processor`, `config.image_max_pixels`)."""
+                 max_pixels: int | None = None, clip_max_pixels: int | None = None) -> Sample:
+    """The training sequence of ``item`` on its uint8 (3, H, W) ``image``; ``image_processor``,
+    ``max_pixels`` and ``clip_max_pixels`` are the model's (`model.image_processor`,
+    `config.image_max_pixels`, `config.reencode_max_pixels`; None: ``max_pixels``)."""
 
-    def pixels(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return qwen_pixel_values(images, image_processor, max_pixels=max_pixels)
+    def pixels(images: list[torch.Tensor], budget: int | None = max_pixels) -> tuple[torch.Tensor, torch.Tensor]:
+        return qwen_pixel_values(images, image_processor, max_pixels=budget)
+
+    def clip_pixels(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pixels(images, max_pixels if clip_max_pixels is None else clip_max_pixels)
 
     values, grid = pixels([image])
     all_values, all_grids = [values], [grid]
@@ -164,7 +168,7 @@ def build_sample(item: SFTItem, image: torch.Tensor, tokenizer, image_processor=
             all_grids.append(grid)
             add(region_turn_ids(tokenizer, [num_image_tokens(g) for g in grid]), supervised=False)
         elif turn.kind == "reencode":
-            inputs, placeholders = _branch_inputs(turn.branch, image, pixels)
+            inputs, placeholders = _branch_inputs(turn.branch, image, clip_pixels)
             for key, value in inputs.items():
                 branch_inputs.setdefault(key, []).append(value)
             add(reencode_turn_ids(tokenizer, turn.branch, placeholders), supervised=False)
@@ -187,16 +191,18 @@ def _branch_inputs(branch: str, image: torch.Tensor, pixels) -> tuple[dict[str, 
 class SFTDataset(Dataset):
     """`SFTItem`s as `Sample`s, built when asked for (images read then)."""
 
-    def __init__(self, items: Sequence[SFTItem], tokenizer, image_processor=None, max_pixels: int | None = None):
+    def __init__(self, items: Sequence[SFTItem], tokenizer, image_processor=None, max_pixels: int | None = None,
+                 clip_max_pixels: int | None = None):
         self.items, self.tokenizer = list(items), tokenizer
-        self.image_processor, self.max_pixels = image_processor, max_pixels
+        self.image_processor, self.max_pixels, self.clip_max_pixels = image_processor, max_pixels, clip_max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Sample:
         item = self.items[index]
-        return build_sample(item, load_image(item.image), self.tokenizer, self.image_processor, self.max_pixels)
+        return build_sample(item, load_image(item.image), self.tokenizer, self.image_processor, self.max_pixels,
+                            self.clip_max_pixels)
 
 
 @dataclass
