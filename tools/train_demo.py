@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--branches", help="re-encoding branches of the model, comma-separated (e.g. dino,clip)")
     parser.add_argument("--clip-max-pixels", type=int,
                         help="the clip branch's pixel budget (re-encoding the whole image beyond the global view's)")
-    parser.add_argument("--tasks", type=json.loads, help='the task mix as JSON, e.g. {"region": 0.3, "reencode": 0.3}')
+    parser.add_argument("--tasks", type=json.loads, default=defaults.tasks,
+                        help='the task mix as JSON, e.g. {"region": 0.3, "reencode": 0.3} (default: TASKS)')
     parser.add_argument("--minutes", type=float,
                         help="time budget of all runs of this checkpoint together (then save and evaluate)")
     parser.add_argument("--run-minutes", type=float,
@@ -49,8 +50,6 @@ def main() -> None:
     if args.clip_max_pixels:
         overrides["clip_max_pixels"] = args.clip_max_pixels
     args.config_overrides = overrides
-    if args.tasks is None:
-        del args.tasks
     result = train(TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs) if hasattr(args, f.name)}))
     print(json.dumps(result, indent=1))
 

@@ -425,10 +425,12 @@ def train(args: TrainArgs) -> dict:
     # fresh moments, or a run with its own schedule: warm up again
     warm_from = 0 if "optimizer" in state and not args.run_minutes else start
 
+    branch = reencode_branch(model.config)
+
     def stage(tasks: dict[str, float], collate_fn, first: int, last: int) -> DataLoader:
         return DataLoader(
             Conversations(tokenizer, args.seed, args.steps * args.batch_size, model.config.image_max_pixels,
-                          group=args.batch_size, tasks=tasks, branch=reencode_branch(model.config),
+                          group=args.batch_size, tasks=tasks, branch=branch,
                           clip_max_pixels=model.config.reencode_max_pixels),
             batch_size=args.batch_size,
             sampler=range(first * args.batch_size, last * args.batch_size),
@@ -505,7 +507,7 @@ def train(args: TrainArgs) -> dict:
                 tqdm.write(f"throughput: {record['items_per_s']:.0f} items/s ({seconds / n:.3f} s/step), "
                            f"data wait {record['data_wait']:.0%}")
         if args.eval_every and step % args.eval_every == 0:
-            result = evaluate(model, tokenizer, eval_items, PERIODIC_MODES[reencode_branch(model.config)])
+            result = evaluate(model, tokenizer, eval_items, PERIODIC_MODES[branch])
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
             log.write(json.dumps({"step": step, "eval": result}) + "\n")
             save(args.out, model, tokenizer, head, optimizer, step, elapsed())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -143,11 +144,10 @@ def build_sample(item: SFTItem, image: torch.Tensor, tokenizer, image_processor=
     ``max_pixels`` and ``clip_max_pixels`` are the model's (`model.image_processor`,
     `config.image_max_pixels`, `config.reencode_max_pixels`; None: ``max_pixels``)."""
 
+    clip_budget = max_pixels if clip_max_pixels is None else clip_max_pixels
+
     def pixels(images: list[torch.Tensor], budget: int | None = max_pixels) -> tuple[torch.Tensor, torch.Tensor]:
         return qwen_pixel_values(images, image_processor, max_pixels=budget)
-
-    def clip_pixels(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pixels(images, max_pixels if clip_max_pixels is None else clip_max_pixels)
 
     values, grid = pixels([image])
     all_values, all_grids = [values], [grid]
@@ -168,7 +168,7 @@ def build_sample(item: SFTItem, image: torch.Tensor, tokenizer, image_processor=
             all_grids.append(grid)
             add(region_turn_ids(tokenizer, [num_image_tokens(g) for g in grid]), supervised=False)
         elif turn.kind == "reencode":
-            inputs, placeholders = _branch_inputs(turn.branch, image, clip_pixels)
+            inputs, placeholders = _branch_inputs(turn.branch, image, partial(pixels, budget=clip_budget))
             for key, value in inputs.items():
                 branch_inputs.setdefault(key, []).append(value)
             add(reencode_turn_ids(tokenizer, turn.branch, placeholders), supervised=False)
