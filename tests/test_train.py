@@ -373,6 +373,21 @@ def test_clip_reencoding_conversation_shows_the_whole_image_at_its_budget(item):
     assert {key for _, key, _ in example.focus.tolist()} == {placeholders[target]}
 
 
+def test_clip_reencoding_counts_in_the_global_view():
+    """Only a reading looks at the re-encoding: a counting answer after a clip re-encoding is focused
+    on the counted objects' tokens in the global view, as the direct answer is."""
+    _, tokenizer = tiny_vpt_model(branches=("dino", "clip"), seed=0)
+    counting = next(item for item in generate(0, 8, ("counting",)) if len(item.about) > 1)
+    example = build_example(counting, "reencode", tokenizer, max_pixels=DEMO_MAX_PIXELS, branch="clip",
+                            clip_max_pixels=CLIP_PIXELS)
+    direct = build_example(counting, "direct", tokenizer, max_pixels=DEMO_MAX_PIXELS)
+    global_pads = [i for i, t in enumerate(example.input_ids.tolist())
+                   if t == tokenizer.convert_tokens_to_ids(IMAGE_PAD)]
+    keys = sorted({key for _, key, _ in example.focus.tolist()})
+    assert keys and set(keys) <= set(global_pads)
+    assert keys == sorted({key for _, key, _ in direct.focus.tolist()})  # the same tokens: the same prefix
+
+
 def test_clip_reencoding_rows_train_the_vit_on_their_glyphs():
     """A batch of clip re-encoding conversations: the forward gets the clip views, `TokenHead` their
     labels after the images' (glyphs included), and a few steps lower the losses."""

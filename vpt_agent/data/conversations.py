@@ -37,7 +37,7 @@ from ..prompts import (
     region_turn_ids,
 )
 from ..tokens import BRANCHES, IM_END, IMAGE_PAD, REGION_END, REGION_START, X_TOKENS, Y_TOKENS, Box, Cells, region_box
-from .synthetic import COLOURS, COMPARING, SHAPES, Item, SceneObject, block_scene, cells_covering
+from .synthetic import COLOURS, COMPARING, READING, SHAPES, Item, SceneObject, block_scene, cells_covering
 from .token_labels import IGNORE, View, labelled_view, token_index, view_labels
 
 Route = Literal["region", "reencode", "answer"]
@@ -68,7 +68,7 @@ class Example:
 def route(item: Item, mode: PromptMode) -> Route:
     """What the assistant does first for ``item`` under prompt ``mode``."""
     if mode == "free":
-        return "region" if item.family == "fine_detail" else "answer"
+        return "region" if item.family in READING else "answer"
     return {"region": "region", "reencode": "reencode", "direct": "answer"}[mode]
 
 
@@ -98,7 +98,7 @@ def build_example(
     ``image_max_pixels``; ``branch`` the re-encoding branch ("dino", or "clip": the model's own ViT
     within ``clip_max_pixels``, the model's ``reencode_max_pixels``). The region tokens and the
     answer are focused on the tokens of the objects the question is about (in the global image,
-    then in the last image or re-encoding; a comparison's answer in the global image).
+    then in the last image, or the re-encoding for a reading; a comparison's answer in the global image).
     """
     kind = route(item, mode)
     views = [(0, 0, *item.size)]
@@ -119,7 +119,8 @@ def build_example(
         if branch == "clip":
             clip = labelled_view(item.image, item.objects, views[0], clip_max_pixels, glyphs=True)
             placeholders = num_image_tokens(clip.image_grid_thw[0])
-            last = (tokenizer.convert_tokens_to_ids(spec.image_pad), 0, views[0], clip.image_grid_thw[0])
+            if item.family in READING:  # counting, locating: in the global view, as a direct answer does
+                last = (tokenizer.convert_tokens_to_ids(spec.image_pad), 0, views[0], clip.image_grid_thw[0])
         else:
             detection_images, placeholders = preprocess_dino(item.image)[None], spec.num_placeholders()
         turns.add_ids(reencode_turn_ids(tokenizer, branch, placeholders))
@@ -129,7 +130,7 @@ def build_example(
         turns.add_ids(region_turn_ids(tokenizer, [num_image_tokens(grid[1])]))
     # a comparison: one head looks at each object (their mean position says nothing), in the global
     # view, which shows both wherever the model's crop falls; other answers look at the last image
-    # (or the re-encoding)
+    # (or, for a reading, the re-encoding)
     comparing = item.family in COMPARING
     about = [(obj,) for obj in item.about] if comparing else [item.about]
     pad, image, view, view_grid = (turns.pad, 0, views[0], grid[0]) if comparing else last

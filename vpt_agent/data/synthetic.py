@@ -39,6 +39,9 @@ FAMILIES: tuple[Family, ...] = ("fine_detail", "spatial", "counting", "existence
 COMPARING: frozenset[Family] = frozenset({"spatial"})
 """Families whose answer compares the objects it is about (``Item.about``, in the order the question
 names them) rather than taking them together."""
+READING: frozenset[Family] = frozenset({"fine_detail"})
+"""Families whose answer is finer than the global view shows (a character): what a region or a
+re-encoding at reading resolution is for."""
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
     "green": (30, 160, 60),
