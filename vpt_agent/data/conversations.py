@@ -110,7 +110,6 @@ def build_example(
     turns = _Turns(tokenizer, first_turn_ids(tokenizer, build_question(item.question, mode),
                                              num_image_tokens(grid[0]), system_prompt))
     detection_images = clip = None
-    last = (turns.pad, len(views) - 1, views[-1], grid[-1])  # where the answer looks: image pads, which, view, grid
     if kind == "reencode":
         spec = BRANCHES[branch]
         turns.add(spec.action_start, supervised=True)
@@ -119,8 +118,6 @@ def build_example(
         if branch == "clip":
             clip = labelled_view(item.image, item.objects, views[0], clip_max_pixels, glyphs=True)
             placeholders = num_image_tokens(clip.image_grid_thw[0])
-            if item.family in READING:  # counting, locating: in the global view, as a direct answer does
-                last = (tokenizer.convert_tokens_to_ids(spec.image_pad), 0, views[0], clip.image_grid_thw[0])
         else:
             detection_images, placeholders = preprocess_dino(item.image)[None], spec.num_placeholders()
         turns.add_ids(reencode_turn_ids(tokenizer, branch, placeholders))
@@ -128,14 +125,17 @@ def build_example(
         turns.add(region_text(item.cells), supervised=True, focus=[turns.keys(item.about, 0, views[0], grid[0])])
         turns.add(IM_END, supervised=True)
         turns.add_ids(region_turn_ids(tokenizer, [num_image_tokens(grid[1])]))
-    # a comparison: one head looks at each object (their mean position says nothing), in the global
-    # view, which shows both wherever the model's crop falls; other answers look at the last image
-    # (or, for a reading, the re-encoding)
+    # where the answer looks: a reading at the clip re-encoding if there is one; a comparison (one
+    # head per object: their mean position says nothing) at the global view, which shows both wherever
+    # the model's crop falls; anything else at the last image (the crop, else the global view: at 512
+    # px an object spans several re-encoded tokens, and counting their centres went off by one)
     comparing = item.family in COMPARING
     about = [(obj,) for obj in item.about] if comparing else [item.about]
-    pad, image, view, view_grid = (turns.pad, 0, views[0], grid[0]) if comparing else last
-    turns.add(item.answer, supervised=True, focus=[turns.keys(objects, image, view, view_grid, pad)
-                                                   for objects in about])
+    if clip is not None and item.family in READING:
+        look = (0, views[0], clip.image_grid_thw[0], tokenizer.convert_tokens_to_ids(BRANCHES["clip"].image_pad))
+    else:
+        look = (0, views[0], grid[0], None) if comparing else (len(views) - 1, views[-1], grid[-1], None)
+    turns.add(item.answer, supervised=True, focus=[turns.keys(objects, *look) for objects in about])
     turns.add(IM_END, supervised=True)
     return turns.example(pixel_values, grid, detection_images, token_labels, clip)
 
