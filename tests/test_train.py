@@ -275,6 +275,13 @@ def test_conversations_share_one_task_per_group():
     assert set(batch) == {"pixel_values", "image_grid_thw", "token_labels"} and len(batch["image_grid_thw"]) == 8
 
 
+def test_conversations_follow_the_family_mix():
+    tokenizer = tiny_vpt_model(branches=("dino",))[1]
+    data = Conversations(tokenizer, seed=0, length=400, families={"counting": 0.5, "spatial": 0.5})
+    families = [data.task(i)[0] for i in range(400)]
+    assert set(families) == {"counting", "spatial"} and abs(families.count("counting") / 400 - 0.5) < 0.1
+
+
 def test_a_few_steps_lower_the_loss():
     """A batch of every task, two re-encoding rows among them at different offsets."""
     tokenizer = tiny_vpt_model(branches=("dino",))[1]

@@ -152,20 +152,23 @@ class TrainArgs:
     """`demo_config` overrides for a new model, or changes to `init`'s config."""
     tasks: dict[str, float] = field(default_factory=lambda: dict(TASKS))
     """The conversation stage's task mix (`TASKS`)."""
+    families: dict[str, float] = field(default_factory=lambda: dict(FAMILY_MIX))
+    """The benchmark questions' family mix (`FAMILY_MIX`)."""
 
 
 # ----------------------------------------------------------------------------------------- data
 class Conversations(Dataset):
-    """Training conversation ``i``: item ``i`` of the stream ``seed`` (family drawn from FAMILY_MIX)
+    """Training conversation ``i``: item ``i`` of the stream ``seed`` (family drawn from ``families``)
     in a task drawn from ``tasks``, one task per ``group`` consecutive items: with ``group`` = the
     batch size a batch holds one route's lengths (a DINO row is ~2x longer than the others,
     and padding every batch to it doubled the step time). The vision stage's tasks give a `View`
     (an image and its token labels, no text)."""
 
     def __init__(self, tokenizer, seed: int, length: int, max_pixels: int | None = None, group: int = 1,
-                 tasks: dict[str, float] = TASKS, branch: str = "dino", clip_max_pixels: int | None = None):
+                 tasks: dict[str, float] = TASKS, branch: str = "dino", clip_max_pixels: int | None = None,
+                 families: dict[str, float] = FAMILY_MIX):
         self.tokenizer, self.seed, self.length, self.max_pixels, self.group = tokenizer, seed, length, max_pixels, group
-        self.tasks, self.branch, self.clip_max_pixels = tasks, branch, clip_max_pixels
+        self.tasks, self.branch, self.clip_max_pixels, self.families = tasks, branch, clip_max_pixels, families
 
     def __len__(self) -> int:
         return self.length
@@ -173,7 +176,7 @@ class Conversations(Dataset):
     def task(self, index: int) -> tuple[Family, str]:
         """(question family, task) of conversation ``index``, independent of the item's own stream."""
         rng = np.random.default_rng([self.seed, index, 1])
-        family = str(rng.choice(list(FAMILY_MIX), p=list(FAMILY_MIX.values())))
+        family = str(rng.choice(list(self.families), p=list(self.families.values())))
         rng = np.random.default_rng([self.seed, index // self.group, 2])
         return family, str(rng.choice(list(self.tasks), p=list(self.tasks.values())))
 
@@ -431,7 +434,7 @@ def train(args: TrainArgs) -> dict:
         return DataLoader(
             Conversations(tokenizer, args.seed, args.steps * args.batch_size, model.config.image_max_pixels,
                           group=args.batch_size, tasks=tasks, branch=branch,
-                          clip_max_pixels=model.config.reencode_max_pixels),
+                          clip_max_pixels=model.config.reencode_max_pixels, families=args.families),
             batch_size=args.batch_size,
             sampler=range(first * args.batch_size, last * args.batch_size),
             collate_fn=collate_fn,
