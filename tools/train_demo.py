@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=json.loads, default=defaults.tasks,
                         help='the task mix as JSON, e.g. {"region": 0.3, "reencode": 0.3} (default: TASKS)')
     parser.add_argument("--families", type=json.loads, default=defaults.families,
-                        help='the question families\' mix as JSON, e.g. {"fine_detail": 0.5, "counting": 0.5} (default: FAMILY_MIX)')
+                        help='the question families\' mix as JSON, e.g. {"fine_detail": 0.5, "counting": 0.5} '
+                             '(default: FAMILY_MIX)')
     parser.add_argument("--minutes", type=float,
                         help="time budget of all runs of this checkpoint together (then save and evaluate)")
     parser.add_argument("--run-minutes", type=float,
