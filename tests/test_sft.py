@@ -109,14 +109,17 @@ def session_conversation(model, tokenizer, path: Path, branch: str | None = None
     return session.conversation(0)
 
 
-@pytest.mark.parametrize("split, branch", [(0, None), (1, None), (1, "clip")])
-def test_the_training_sequence_is_what_the_session_feeds(data, split, branch):
-    """Region and re-encoding conversations (re-encoding also trained as clip's): the same token ids
-    as the session forced to the same assistant turns; labels on the assistant turns alone."""
-    model, tokenizer = tiny_vpt_model(branches=("dino", "clip"), image_max_pixels=MAX_PIXELS)
+@pytest.mark.parametrize("split, branch, clip_pixels", [(0, None, None), (1, None, None), (1, "clip", None),
+                                                      (1, "clip", 112 * 168)])
+def test_the_training_sequence_is_what_the_session_feeds(data, split, branch, clip_pixels):
+    """Region and re-encoding conversations (re-encoding also trained as clip's, within the global view's
+    budget or beyond it): the same token ids as the session forced to the same assistant turns; labels
+    on the assistant turns alone."""
+    model, tokenizer = tiny_vpt_model(branches=("dino", "clip"), image_max_pixels=MAX_PIXELS,
+                                      clip_max_pixels=clip_pixels)
     item = read_sft_items([data[split]], model.config.branches, branch)[0]
     image = load_image(item.image)
-    sample = build_sample(item, image, tokenizer, model.image_processor, MAX_PIXELS)
+    sample = build_sample(item, image, tokenizer, model.image_processor, model.config)
     assert sample.input_ids.tolist() == session_conversation(model, tokenizer, data[split], branch)
 
     expected = ids(tokenizer, "".join(text + IM_END for text in assistant_turns(data[split], branch)))
@@ -139,7 +142,7 @@ def test_several_regions_are_shown_as_numbered_crops(data, tmp_path):
     path.write_text(json.dumps([record]))
     model, tokenizer = tiny_vpt_model(branches=("dino",), image_max_pixels=MAX_PIXELS)
     item = read_sft_items([path], model.config.branches)[0]
-    sample = build_sample(item, load_image(item.image), tokenizer, model.image_processor, MAX_PIXELS)
+    sample = build_sample(item, load_image(item.image), tokenizer, model.image_processor, model.config)
     assert sample.input_ids.tolist() == session_conversation(model, tokenizer, path)
     assert len(sample.image_grid_thw) == 3 and "Region 1: " in tokenizer.decode(sample.input_ids)
 
@@ -150,7 +153,7 @@ def test_the_loss_reads_only_the_logits_it_needs(data):
     model, tokenizer = tiny_vpt_model(branches=("dino",), image_max_pixels=MAX_PIXELS)
     items = [read_sft_items([path], ("dino",))[0] for path in data]
     batch = Collator(model, model.config.text_config.pad_token_id)(
-        [build_sample(item, load_image(item.image), tokenizer, model.image_processor, MAX_PIXELS) for item in items])
+        [build_sample(item, load_image(item.image), tokenizer, model.image_processor, model.config) for item in items])
     labels, keep = batch.pop("labels"), batch.pop("logits_to_keep")
     assert 0 < len(keep) < labels.shape[1] // 2
     assert torch.equal(keep, (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1))
@@ -179,7 +182,7 @@ def test_checkpointing_runs_no_backward_through_the_frozen_vision_tower(data):
         param.requires_grad_(name.startswith("model.language_model.layers."))
     item = read_sft_items([data[0]], ("dino",))[0]
     batch = Collator(model, model.config.text_config.pad_token_id)(
-        [build_sample(item, load_image(item.image), tokenizer, model.image_processor, MAX_PIXELS)])
+        [build_sample(item, load_image(item.image), tokenizer, model.image_processor, model.config)])
     labels = batch.pop("labels")
     seen = {}
     model.model.visual.register_forward_hook(lambda module, args, out: seen.update(vision=out.pooler_output))
@@ -263,7 +266,7 @@ def assert_graph_answers(out: Path, base: Path, data: list[Path]) -> None:
 
 def conversation_loss(path: Path, item) -> float:
     model = VPTForConditionalGeneration.from_pretrained(path)
-    sample = build_sample(item, load_image(item.image), load_tokenizer(path), model.image_processor, MAX_PIXELS)
+    sample = build_sample(item, load_image(item.image), load_tokenizer(path), model.image_processor, model.config)
     batch = Collator(model, model.config.text_config.pad_token_id)([sample])
     with torch.no_grad():
         return model(**batch).loss.item()

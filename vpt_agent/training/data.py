@@ -37,6 +37,7 @@ from ..data.conversations import padded_batch
 from ..data.token_labels import IGNORE
 from ..evaluation.datasets import DatasetError, parse_item, read_records, split_prompt
 from ..images import load_image
+from ..model.config import VPTFields
 from ..perception.crop import crops
 from ..perception.dino import preprocess_dino
 from ..perception.qwen_image import num_image_tokens, qwen_pixel_values
@@ -139,12 +140,12 @@ def _round(text: str, user: str, branches: Sequence[str], branch: str | None) ->
 
 
 def build_sample(item: SFTItem, image: torch.Tensor, tokenizer, image_processor=None,
-                 max_pixels: int | None = None, clip_max_pixels: int | None = None) -> Sample:
-    """The training sequence of ``item`` on its uint8 (3, H, W) ``image``; ``image_processor``,
-    ``max_pixels`` and ``clip_max_pixels`` are the model's (`model.image_processor`,
-    `config.image_max_pixels`, `config.reencode_max_pixels`; None: ``max_pixels``)."""
-
-    clip_budget = max_pixels if clip_max_pixels is None else clip_max_pixels
+                 config: VPTFields | None = None) -> Sample:
+    """The training sequence of ``item`` on its uint8 (3, H, W) ``image``, seen as the model with
+    ``image_processor`` and ``config`` sees it (its `image_max_pixels` and `reencode_max_pixels`;
+    None: the processor's budget)."""
+    max_pixels = config.image_max_pixels if config is not None else None
+    clip_budget = config.reencode_max_pixels if config is not None else None
 
     def pixels(images: list[torch.Tensor], budget: int | None = max_pixels) -> tuple[torch.Tensor, torch.Tensor]:
         return qwen_pixel_values(images, image_processor, max_pixels=budget)
@@ -191,18 +192,15 @@ def _branch_inputs(branch: str, image: torch.Tensor, pixels) -> tuple[dict[str, 
 class SFTDataset(Dataset):
     """`SFTItem`s as `Sample`s, built when asked for (images read then)."""
 
-    def __init__(self, items: Sequence[SFTItem], tokenizer, image_processor=None, max_pixels: int | None = None,
-                 clip_max_pixels: int | None = None):
-        self.items, self.tokenizer = list(items), tokenizer
-        self.image_processor, self.max_pixels, self.clip_max_pixels = image_processor, max_pixels, clip_max_pixels
+    def __init__(self, items: Sequence[SFTItem], tokenizer, image_processor=None, config: VPTFields | None = None):
+        self.items, self.tokenizer, self.image_processor, self.config = list(items), tokenizer, image_processor, config
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Sample:
         item = self.items[index]
-        return build_sample(item, load_image(item.image), self.tokenizer, self.image_processor, self.max_pixels,
-                            self.clip_max_pixels)
+        return build_sample(item, load_image(item.image), self.tokenizer, self.image_processor, self.config)
 
 
 @dataclass

@@ -58,8 +58,7 @@ def train(options: SFTOptions) -> Path:
         items = [item for item in items if any(r.kind == "reencode" for r in item.rounds)]
         if not items:
             raise ConfigError("--projectors trains on re-encoding conversations; the --data files hold none")
-    dataset = SFTDataset(items, tokenizer, model.image_processor, model.config.image_max_pixels,
-                         model.config.reencode_max_pixels)
+    dataset = SFTDataset(items, tokenizer, model.image_processor, model.config)
     collator = Collator(model, model.config.text_config.pad_token_id)
     trained = _trainable(model, options, new_tokens=plain)
     args = TrainingArguments(
