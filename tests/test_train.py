@@ -111,6 +111,11 @@ def test_labels_cover_assistant_turns_only(tiny, item):
     assert supervised(build_example(item, "direct", tokenizer)) == item.answer + IM_END
     other = generate(0, 8, ("counting",))[0]
     assert supervised(build_example(other, "free", tokenizer)) == other.answer + IM_END  # free crops fine_detail only
+    counted = build_example(other, "free", tokenizer, branch="clip")  # and re-encodes counting with a clip branch
+    assert supervised(counted) == BRANCHES["clip"].action_text + IM_END + other.answer + IM_END
+    assert counted.clip is not None and counted.detection_images is None
+    spatial = generate(0, 8, ("spatial",))[0]
+    assert supervised(build_example(spatial, "free", tokenizer, branch="clip")) == spatial.answer + IM_END
 
 
 def test_grounding_conversation_names_and_locates_every_object(tiny, item):
@@ -393,6 +398,32 @@ def test_clip_reencoding_counts_in_the_global_view():
     keys = sorted({key for _, key, _ in example.focus.tolist()})
     assert keys and set(keys) <= set(global_pads)
     assert keys == sorted({key for _, key, _ in direct.focus.tolist()})  # the same tokens: the same prefix
+
+
+def test_free_mode_counts_through_a_clip_reencoding():
+    """On a clip model free mode re-encodes to count: the session's conversation token for token in
+    the unsuffixed prompt; a free batch mixes it with a crop (fine_detail) and a direct answer
+    (spatial), and trains on all three."""
+    model, tokenizer = tiny_vpt_model(branches=("dino", "clip"), seed=0, image_max_pixels=DEMO_MAX_PIXELS,
+                                      clip_max_pixels=CLIP_PIXELS)
+    counting, reading, spatial = (generate(0, 1, (family,))[0] for family in ("counting", "fine_detail", "spatial"))
+    examples = [build_example(item, "free", tokenizer, max_pixels=DEMO_MAX_PIXELS, branch="clip",
+                              clip_max_pixels=CLIP_PIXELS) for item in (counting, reading, spatial)]
+    session = VPTSession(model, tokenizer)
+    session.start([counting.image], [build_question(counting.question, "free")])
+    session.generate(3, forced={0: ids(tokenizer, BRANCHES["clip"].action_text)})
+    session.add_reencode(0, "clip", branch_features(model, "clip", [counting.image])[0])
+    answer = ids(tokenizer, counting.answer + IM_END)
+    session.generate(len(answer), forced={0: answer})
+    assert examples[0].input_ids.tolist() == session.conversation(0)
+    assert [len(e.image_grid_thw) for e in examples] == [1, 2, 1] and examples[2].clip is None
+
+    batch = collate(examples, model)
+    assert len(batch["clip_images_grid_thw"]) == 1 and batch["detection_images"] is None
+    model.set_attn_implementation("eager")
+    head = TokenHead(model.config.text_config.hidden_size)
+    step = train_step(model.train(), head, batch, torch.optim.AdamW([*model.parameters(), *head.parameters()]))
+    assert torch.isfinite(torch.as_tensor(step["loss"])).all()
 
 
 def test_clip_reencoding_rows_train_the_vit_on_their_glyphs():

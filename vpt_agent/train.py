@@ -60,9 +60,10 @@ TASKS: dict[PromptMode | Literal["ground", "read", "read_block", "block_view"], 
 fine_detail question about its crop alone) and "read_block" (`block_reading_example`: the glyphs
 of 9 objects in a crop-sized view); and the vision stage's "block_view" (the ViT alone, ~2.5x
 cheaper a step), which keeps its reading from fading under the LLM's loss. free and direct share
-the unsuffixed prompt: on fine_detail the model learns to prefer a region (free) and, with the
-action tokens suppressed (the graph's direct mode), to guess from the global view. Region has the largest share (the mode
-the demo is judged on); grounding, learnt early, keeps a smaller one."""
+the unsuffixed prompt: where free takes a perception round (`conversations.route`) the model learns
+to prefer it and, with the action tokens suppressed (the graph's direct mode), to answer from the
+global view. Region has the largest share (the mode the demo is judged on); grounding, learnt
+early, keeps a smaller one."""
 VISION_TASKS: dict[str, float] = {"block_view": 0.75, "global_view": 0.25}
 """The vision stage's `View`s (`TrainArgs.vision_steps`): crop-scale blocks of 9 characters to read
 (`block_view`), and global scenes (objects, grid cells)."""

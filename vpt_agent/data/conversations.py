@@ -13,8 +13,8 @@ suffix), then either the answer, or a perception round and the answer:
   per merged token of the model's own ViT on the whole image within the clip budget (`Example.clip`).
 
 Routes by prompt mode: ``region`` and ``reencode`` always take their perception round; ``free``
-(no suffix, the model decides) crops for fine_detail and answers the other families directly;
-``direct`` answers at once. Labels are -100 outside assistant turns.
+(no suffix, the model decides) crops for fine_detail, re-encodes counting where the branch sees more
+than the global view (clip), and answers the other families directly; ``direct`` answers at once. Labels are -100 outside assistant turns.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from ..prompts import (
     region_turn_ids,
 )
 from ..tokens import BRANCHES, IM_END, IMAGE_PAD, REGION_END, REGION_START, X_TOKENS, Y_TOKENS, Box, Cells, region_box
-from .synthetic import COLOURS, COMPARING, READING, SHAPES, Item, SceneObject, block_scene, cells_covering
+from .synthetic import COLOURS, COMPARING, COUNTING, READING, SHAPES, Item, SceneObject, block_scene, cells_covering
 from .token_labels import IGNORE, View, labelled_view, token_index, view_labels
 
 Route = Literal["region", "reencode", "answer"]
@@ -65,10 +65,14 @@ class Example:
     """The reencode route's clip branch input: the whole image within the clip budget, labelled."""
 
 
-def route(item: Item, mode: PromptMode) -> Route:
-    """What the assistant does first for ``item`` under prompt ``mode``."""
+def route(item: Item, mode: PromptMode, branch: str = "dino") -> Route:
+    """What the assistant does first for ``item`` under prompt ``mode`` with re-encoding ``branch``:
+    in free mode, the perception that helps the family (a crop to read; a clip re-encoding, which
+    sees the whole image at its finer budget, to count), else the answer."""
     if mode == "free":
-        return "region" if item.family in READING else "answer"
+        if item.family in READING:
+            return "region"
+        return "reencode" if item.family in COUNTING and branch == "clip" else "answer"
     return {"region": "region", "reencode": "reencode", "direct": "answer"}[mode]
 
 
@@ -100,7 +104,7 @@ def build_example(
     answer are focused on the tokens of the objects the question is about (in the global image,
     then in the last image, or the re-encoding for a reading; a comparison's answer in the global image).
     """
-    kind = route(item, mode)
+    kind = route(item, mode, branch)
     views = [(0, 0, *item.size)]
     if kind == "region":
         views.append(region_box(item.cells, item.size)[1])

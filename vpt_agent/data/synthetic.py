@@ -42,6 +42,9 @@ names them) rather than taking them together."""
 READING: frozenset[Family] = frozenset({"fine_detail"})
 """Families whose answer is finer than the global view shows (a character): what a region or a
 re-encoding at reading resolution is for."""
+COUNTING: frozenset[Family] = frozenset({"counting"})
+"""Families whose answer needs every object told apart, however small or close (an exact count): what
+a re-encoding at more than the global view's resolution is for."""
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
     "green": (30, 160, 60),
