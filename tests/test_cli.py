@@ -88,7 +88,8 @@ def test_example_json_is_one_document_holding_the_image_and_question(capsys):
 
 
 def test_the_demo_model_notes_an_image_unlike_its_scenes(image_path, capsys):
-    assert main(["ask", str(image_path), "What is it?", "--json"]) == 0
+    """(Direct mode: on noise the demo's perception requests are its own business, not the note's.)"""
+    assert main(["ask", str(image_path), "What is it?", "--json", "--mode", "direct"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["note"] == DEMO_NOTE
     assert out.err.splitlines() == [DEMO_LOADING, f"vpt-agent: note: {DEMO_NOTE}"]
@@ -181,7 +182,7 @@ def test_options_reach_the_graph(monkeypatch, checkpoint, image_path, capsys):
 
 
 def test_without_a_model_the_demo_model_answers(image_path, capsys):
-    assert main(["ask", str(image_path), "What is it?"]) == 0
+    assert main(["ask", str(image_path), "What is it?", "--mode", "direct"]) == 0
     out = capsys.readouterr()
     assert len(out.out.splitlines()) >= 1, out  # an answer line
     assert out.err.splitlines() == [DEMO_LOADING, f"vpt-agent: note: {DEMO_NOTE}"]  # a noise image: the note
