@@ -355,6 +355,19 @@ CLIP_PIXELS = 448 * 448
 """The clip branch's budget in these tests: twice the demo's global view on each side."""
 
 
+def reencoded_conversation(model, tokenizer, item, mode: str, branch: str) -> tuple[list[int], torch.Tensor]:
+    """What the session holds for ``item`` asked in prompt ``mode`` and forced to re-encode with
+    ``branch``, then to the answer; and the re-encoded features."""
+    session = VPTSession(model, tokenizer)
+    session.start([item.image], [build_question(item.question, mode)])
+    session.generate(3, forced={0: ids(tokenizer, BRANCHES[branch].action_text)})
+    features = branch_features(model, branch, [item.image])[0]
+    session.add_reencode(0, branch, features)
+    answer = ids(tokenizer, item.answer + IM_END)
+    session.generate(len(answer), forced={0: answer})
+    return session.conversation(0), features
+
+
 def test_clip_reencoding_conversation_shows_the_whole_image_at_its_budget(item):
     """The reencode route on the clip branch: the session's layout token for token, one placeholder per
     merged token of the whole image within the clip budget (more than the global view's), labelled
@@ -364,14 +377,8 @@ def test_clip_reencoding_conversation_shows_the_whole_image_at_its_budget(item):
     example = build_example(item, "reencode", tokenizer, max_pixels=DEMO_MAX_PIXELS, branch="clip",
                             clip_max_pixels=CLIP_PIXELS)
     clip = BRANCHES["clip"]
-    session = VPTSession(model, tokenizer)
-    session.start([item.image], [build_question(item.question, "reencode")])
-    session.generate(3, forced={0: ids(tokenizer, clip.action_text)})
-    features = branch_features(model, "clip", [item.image])[0]
-    session.add_reencode(0, "clip", features)
-    answer = ids(tokenizer, item.answer + IM_END)
-    session.generate(len(answer), forced={0: answer})
-    assert example.input_ids.tolist() == session.conversation(0)
+    conversation, features = reencoded_conversation(model, tokenizer, item, "reencode", "clip")
+    assert example.input_ids.tolist() == conversation
     assert example.detection_images is None
     placeholders = [i for i, t in enumerate(example.input_ids.tolist())
                     if t == tokenizer.convert_tokens_to_ids(clip.image_pad)]
@@ -409,13 +416,7 @@ def test_free_mode_counts_through_a_clip_reencoding():
     counting, reading, spatial = (generate(0, 1, (family,))[0] for family in ("counting", "fine_detail", "spatial"))
     examples = [build_example(item, "free", tokenizer, max_pixels=DEMO_MAX_PIXELS, branch="clip",
                               clip_max_pixels=CLIP_PIXELS) for item in (counting, reading, spatial)]
-    session = VPTSession(model, tokenizer)
-    session.start([counting.image], [build_question(counting.question, "free")])
-    session.generate(3, forced={0: ids(tokenizer, BRANCHES["clip"].action_text)})
-    session.add_reencode(0, "clip", branch_features(model, "clip", [counting.image])[0])
-    answer = ids(tokenizer, counting.answer + IM_END)
-    session.generate(len(answer), forced={0: answer})
-    assert examples[0].input_ids.tolist() == session.conversation(0)
+    assert examples[0].input_ids.tolist() == reencoded_conversation(model, tokenizer, counting, "free", "clip")[0]
     assert [len(e.image_grid_thw) for e in examples] == [1, 2, 1] and examples[2].clip is None
 
     batch = collate(examples, model)

@@ -12,9 +12,10 @@ suffix), then either the answer, or a perception round and the answer:
   256 ``<|detection_image_pad|>`` for DINO (`detection_images` input), or one ``<|clip_image_pad|>``
   per merged token of the model's own ViT on the whole image within the clip budget (`Example.clip`).
 
-Routes by prompt mode: ``region`` and ``reencode`` always take their perception round; ``free``
-(no suffix, the model decides) crops for fine_detail, re-encodes counting where the branch sees more
-than the global view (clip), and answers the other families directly; ``direct`` answers at once. Labels are -100 outside assistant turns.
+Routes by prompt mode (`route`): ``region`` and ``reencode`` always take their perception round;
+``free`` (no suffix, the model decides) crops for fine_detail, re-encodes counting where the branch
+sees more than the global view (clip), and answers the other families directly; ``direct`` answers
+at once. Labels are -100 outside assistant turns.
 """
 from __future__ import annotations
 
