@@ -1,6 +1,8 @@
 """Evaluation metrics against values computed by hand."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from vpt_agent.evaluation.metrics import (
@@ -10,6 +12,7 @@ from vpt_agent.evaluation.metrics import (
     levenshtein,
     metric_for,
     normalize_vqa,
+    sign_test,
     vqa_accuracy,
     yes_no,
     yes_no_accuracy,
@@ -107,3 +110,12 @@ def test_metric_chosen_by_dataset_name():
     assert metric_for("GQA_region_test") == "vqa"
     assert metric_for("Flickr30k_action_test") == "exact"
     assert set(METRICS) == {"exact", "vqa", "anls", "yesno"}
+
+
+def test_sign_test_by_hand():
+    # two-sided: 2 * P(X <= min) for X ~ Binomial(wins + losses, 1/2), capped at 1
+    assert sign_test(0, 5) == pytest.approx(2 / 32)
+    assert sign_test(9, 12) == pytest.approx(2 * sum(math.comb(21, k) for k in range(10)) / 2**21)
+    assert sign_test(12, 9) == sign_test(9, 12)
+    assert sign_test(3, 3) == sign_test(0, 0) == sign_test(0, 1) == 1.0
+    assert sign_test(237, 6) < 1e-60  # big counts stay exact integers until the one division

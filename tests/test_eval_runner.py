@@ -182,6 +182,16 @@ def test_synthetic_benchmark_in_four_modes(checkpoint, tmp_path, capsys):
     assert all(line["actions"] == [] for line in lines if line["mode"] == "direct")  # no perception at all
     markdown = (out / "summary.md").read_text()
     assert "| well-formed outputs |" in markdown and "| category: fine_detail |" in markdown
+    score = {(line["mode"], line["id"]): line["score"] for line in lines}
+    counting = [line["id"] for line in lines if line["mode"] == "free" and line["category"] == "counting"]
+    duel = summary["paired"]["reencode vs free"]["counting"]  # item by item, the same items
+    assert duel["n"] == 2 and (duel["wins"], duel["losses"]) == (
+        sum(score["reencode", i] > score["free", i] for i in counting),
+        sum(score["free", i] > score["reencode", i] for i in counting))
+    assert list(summary["paired"]) == ["region vs reencode", "region vs free", "region vs direct", "reencode vs free",
+                                       "reencode vs direct", "free vs direct"]
+    assert all(d["all"]["n"] == 8 for d in summary["paired"].values())
+    assert "| | region vs reencode | region vs free |" in markdown and "| category: counting | +" in markdown
     assert main(argv) == 0  # resumes: nothing left to run, the same summary
     assert json.loads((out / "summary.json").read_text())["modes"] == summary["modes"]
 

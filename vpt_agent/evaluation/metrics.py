@@ -1,4 +1,5 @@
-"""Answer scores in [0, 1]: exact match, VQA accuracy, ANLS and yes/no accuracy.
+"""Answer scores in [0, 1]: exact match, VQA accuracy, ANLS and yes/no accuracy; `sign_test` for
+two modes' scores on the same items.
 
 Each metric takes the model's answer and the ground truths of one item. `metric_for` picks one from
 a dataset's name: ANLS for document sets (DocVQA, DUDE), yes/no for POPE, VQA accuracy for the
@@ -6,6 +7,7 @@ VQA sets (TextVQA, VQAv2, GQA, ...), exact match otherwise (captioning sets need
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -127,6 +129,15 @@ def metric_for(dataset_name: str) -> str:
 def metric_extras(metric: str, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Figures a metric reports beside the mean score (yes/no: `yes_no_stats`)."""
     return yes_no_stats(pairs) if metric == "yesno" else {}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """The exact two-sided sign test of paired scores (McNemar's exact test when they are 0 / 1): given
+    the items where one side scored higher (``wins``) and where the other did (``losses``), the chance,
+    were both sides equally good, of a split at least this uneven."""
+    n = wins + losses
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _plain(text: str) -> str:

@@ -2,8 +2,9 @@
 
 DIR/predictions.jsonl gets one line per finished item (id, mode, question, answer, ground truth,
 actions, regions, score, error, warnings, timings), appended and fsynced as each batch ends; DIR/summary.json
-and DIR/summary.md are written at the end. Re-running with the same DIR resumes: a torn last line
-(a kill mid-write) is cut off, items with a line are skipped, and no line is ever rewritten.
+and DIR/summary.md are written at the end: per mode, and for each pair of modes on the same items.
+Re-running with the same DIR resumes: a torn last line (a kill mid-write) is cut off, items with a
+line are skipped, and no line is ever rewritten.
 Items with unusable data (missing or corrupt image, empty question, no ground truth) get a line
 with their error and no score. An item whose run raises (a model or judge failure) gets no line:
 it is reported, and the next run retries it.
@@ -11,6 +12,7 @@ it is reported, and the next run retries it.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import statistics
@@ -29,7 +31,7 @@ from ..prompts import PROMPT_SUFFIXES
 from .datasets import Dataset, EvalItem, SyntheticImage, read_dataset
 from .distributed import Group, launched, launched_group, local_group
 from .judge import OpenAIJudge
-from .metrics import METRICS, metric_extras, metric_for
+from .metrics import METRICS, metric_extras, metric_for, sign_test
 
 PREDICTIONS = "predictions.jsonl"
 RUN_RECORD = "run.json"
@@ -304,7 +306,7 @@ def summarize(
     data: Dataset, lines: Sequence[dict[str, Any]], modes: Sequence[str], items: int, spec: EvalSpec,
     failures: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Scores and counts per mode (the summary.json content)."""
+    """Scores and counts per mode, and each pair of modes compared item by item (the summary.json content)."""
     per_mode = {}
     for mode in modes:
         mine = [line for line in lines if line["mode"] == mode]
@@ -337,11 +339,33 @@ def summarize(
         "model": spec.model,
         "metric": spec.metric,
         "modes": per_mode,
+        "paired": _paired(lines, modes),
         "unusable": [{"id": line["id"], "mode": line["mode"], "error": line["error"]}
                      for line in lines if line["score"] is None],
         "dataset_problems": list(data.problems),
         "failed": list(failures),
     }
+
+
+def _paired(lines: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """For each pair of modes, on the items both scored, overall ("all") and per category: the items
+    where the first scored higher (wins), where the second did (losses), and the sign test's p."""
+    scored = {mode: {line["id"]: line for line in lines if line["mode"] == mode and line["score"] is not None}
+              for mode in modes}
+    paired = {}
+    for first, second in itertools.combinations(modes, 2):
+        both = [(line, scored[second][id_]) for id_, line in scored[first].items() if id_ in scored[second]]
+        groups: dict[str, list] = {"all": both}
+        for a, b in both:
+            if a["category"] is not None:
+                groups.setdefault(a["category"], []).append((a, b))
+        paired[f"{first} vs {second}"] = {
+            group: {"n": len(pairs), "wins": (wins := sum(a["score"] > b["score"] for a, b in pairs)),
+                    "losses": (losses := sum(b["score"] > a["score"] for a, b in pairs)),
+                    "p": sign_test(wins, losses)}
+            for group, pairs in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0]))
+        }
+    return paired
 
 
 def render_summary(summary: dict[str, Any]) -> str:
@@ -383,6 +407,7 @@ def render_summary(summary: dict[str, Any]) -> str:
         ) + " |"
         for c in categories
     ]
+    text += _render_paired(summary["paired"])
     notes = [*dict.fromkeys(f"- `{u['id']}`: {u['error']}" for u in summary["unusable"])]
     notes += [f"- {problem}" for problem in summary["dataset_problems"]]
     notes += [f"- `{f['id']}` ({f['mode']}) failed: {f['error']}" for f in summary["failed"]]
@@ -390,6 +415,32 @@ def render_summary(summary: dict[str, Any]) -> str:
         more = [f"- ... {len(notes) - NOTES} more in {SUMMARY_JSON}"] if len(notes) > NOTES else []
         text += ["", "Not scored:", "", *notes[:NOTES], *more]
     return "\n".join(text) + "\n"
+
+
+def _render_paired(paired: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """summary.md's pairs of modes: one column per pair, one row per category (and "all")."""
+    if not paired:
+        return []
+    pairs = list(paired)
+    groups = list(dict.fromkeys(group for duel in paired.values() for group in duel))
+    text = [
+        "",
+        "Item by item: the items where the first mode of the pair scored higher / where the second did,",
+        "and the exact sign test's two-sided p (the chance of a split at least this uneven between equals).",
+        "",
+        "| | " + " | ".join(pairs) + " |",
+        "|---" * (len(pairs) + 1) + "|",
+    ]
+    for group in groups:
+        cells = [paired[pair].get(group) for pair in pairs]
+        label = group if group == "all" else f"category: {group}"
+        text.append(f"| {label} | " + " | ".join(
+            "-" if c is None else f"+{c['wins']} / -{c['losses']} (p {_p(c['p'])})" for c in cells) + " |")
+    return text
+
+
+def _p(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
 # ------------------------------------------------------------------------------------ helpers
