@@ -111,11 +111,17 @@ def test_labels_cover_assistant_turns_only(tiny, item):
     assert supervised(build_example(item, "direct", tokenizer)) == item.answer + IM_END
     other = generate(0, 8, ("counting",))[0]
     assert supervised(build_example(other, "free", tokenizer)) == other.answer + IM_END  # free crops fine_detail only
-    counted = build_example(other, "free", tokenizer, branch="clip")  # and re-encodes counting with a clip branch
+    # and re-encodes counting with a clip branch that sees more than the global view
+    finer = dict(max_pixels=DEMO_MAX_PIXELS, branch="clip", clip_max_pixels=CLIP_PIXELS)
+    counted = build_example(other, "free", tokenizer, **finer)
     assert supervised(counted) == BRANCHES["clip"].action_text + IM_END + other.answer + IM_END
     assert counted.clip is not None and counted.detection_images is None
     spatial = generate(0, 8, ("spatial",))[0]
-    assert supervised(build_example(spatial, "free", tokenizer, branch="clip")) == spatial.answer + IM_END
+    assert supervised(build_example(spatial, "free", tokenizer, **finer)) == spatial.answer + IM_END
+    for same in (None, DEMO_MAX_PIXELS):  # a clip re-encoding at the global view's budget shows nothing more
+        example = build_example(other, "free", tokenizer, max_pixels=DEMO_MAX_PIXELS, branch="clip",
+                                clip_max_pixels=same)
+        assert supervised(example) == other.answer + IM_END
 
 
 def test_grounding_conversation_names_and_locates_every_object(tiny, item):

@@ -13,8 +13,9 @@ suffix), then either the answer, or a perception round and the answer:
   per merged token of the model's own ViT on the whole image within the clip budget (`Example.clip`).
 
 Routes by prompt mode (`route`): ``region`` and ``reencode`` always take their perception round;
-``free`` (no suffix, the model decides) crops for fine_detail, re-encodes counting where the branch
-sees more than the global view (clip), and answers the other families directly; ``direct`` answers
+``free`` (no suffix, the model decides) crops for fine_detail, re-encodes counting where the
+re-encoding sees the whole image finer than the global view (a clip branch with a larger budget),
+and answers the other families directly; ``direct`` answers
 at once. Labels are -100 outside assistant turns.
 """
 from __future__ import annotations
@@ -66,15 +67,22 @@ class Example:
     """The reencode route's clip branch input: the whole image within the clip budget, labelled."""
 
 
-def route(item: Item, mode: PromptMode, branch: str = "dino") -> Route:
-    """What the assistant does first for ``item`` under prompt ``mode`` with re-encoding ``branch``:
-    in free mode, the perception that helps the family (a crop to read; a clip re-encoding, which
-    sees the whole image at its finer budget, to count), else the answer."""
+def route(item: Item, mode: PromptMode, finer_reencoding: bool = False) -> Route:
+    """What the assistant does first for ``item`` under prompt ``mode``: in free mode, the perception
+    that helps the family (a crop to read; to count, a re-encoding if it sees the whole image finer
+    than the global view, ``finer_reencoding``), else the answer."""
     if mode == "free":
         if item.family in READING:
             return "region"
-        return "reencode" if item.family in COUNTING and branch == "clip" else "answer"
+        return "reencode" if item.family in COUNTING and finer_reencoding else "answer"
     return {"region": "region", "reencode": "reencode", "direct": "answer"}[mode]
+
+
+def finer_reencoding(branch: str, max_pixels: int | None, clip_max_pixels: int | None) -> bool:
+    """Whether re-encoding with ``branch`` sees the image at more pixels than the global view within
+    ``max_pixels``: only the clip branch within a larger ``clip_max_pixels`` (DINO sees 224x224, and
+    a clip budget of None is the global view's)."""
+    return branch == "clip" and None not in (max_pixels, clip_max_pixels) and clip_max_pixels > max_pixels
 
 
 def region_text(cells: Cells) -> str:
@@ -105,7 +113,7 @@ def build_example(
     answer are focused on the tokens of the objects the question is about (in the global image,
     then in the last image, or the re-encoding for a reading; a comparison's answer in the global image).
     """
-    kind = route(item, mode, branch)
+    kind = route(item, mode, finer_reencoding(branch, max_pixels, clip_max_pixels))
     views = [(0, 0, *item.size)]
     if kind == "region":
         views.append(region_box(item.cells, item.size)[1])
