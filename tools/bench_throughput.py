@@ -16,7 +16,8 @@ time, or the run fails.
 synchronous `VPTSession`, without the graph (region route only).
 
 `--breakdown` adds where each mode's time goes, per question: the ViT, the LLM, the images' Qwen2-VL
-preprocessing (all three run in the engine's thread), and the rest (the graph, the tools, waiting).
+preprocessing (the engine's, and a clip re-encoding's in its tool), and the rest (the graph, the
+other tools, waiting).
 The model's parts do not shrink by batching as the rest does: their batched sum, against one at a
 time's whole time, bounds the ratio any scheduling of the graph can reach.
 
@@ -32,6 +33,7 @@ import argparse
 import asyncio
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -145,11 +147,14 @@ class Components:
 
     def __init__(self, model) -> None:
         import vpt_agent.model.batch as batch_module
+        import vpt_agent.perception.reencode as reencode_module
 
         self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()  # tools run in the graph's threads
         self._wrap(model.model.visual, "forward", "ViT")
         self._wrap(model.model.language_model, "forward", "LLM")
-        self._wrap(batch_module, "qwen_pixel_values", "image prep")
+        for module in (batch_module, reencode_module):
+            self._wrap(module, "qwen_pixel_values", "image prep")
 
     def _wrap(self, owner, name: str, part: str) -> None:
         inner = getattr(owner, name)
@@ -159,13 +164,15 @@ class Components:
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+                with self._lock:
+                    self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
 
         setattr(owner, name, timed)
 
     def take(self) -> dict[str, float]:
         """The seconds since the last call."""
-        seconds, self.seconds = self.seconds, {}
+        with self._lock:
+            seconds, self.seconds = self.seconds, {}
         return seconds
 
 
