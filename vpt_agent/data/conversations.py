@@ -15,8 +15,8 @@ suffix), then either the answer, or a perception round and the answer:
 Routes by prompt mode (`route`): ``region`` and ``reencode`` always take their perception round;
 ``free`` (no suffix, the model decides) crops for fine_detail, re-encodes counting where the
 re-encoding sees the whole image finer than the global view (a clip branch with a larger budget),
-and answers the other families directly; ``direct`` answers
-at once. Labels are -100 outside assistant turns.
+and answers the other families directly; ``direct`` answers at once. Labels are -100 outside
+assistant turns.
 """
 from __future__ import annotations
 

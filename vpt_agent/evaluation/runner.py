@@ -360,16 +360,20 @@ def _paired(lines: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[str, 
             if a["category"] is not None:
                 groups.setdefault(a["category"], []).append((a, b))
         paired[f"{first} vs {second}"] = {
-            group: {"n": len(pairs), "wins": (wins := sum(a["score"] > b["score"] for a, b in pairs)),
-                    "losses": (losses := sum(b["score"] > a["score"] for a, b in pairs)),
-                    "p": sign_test(wins, losses)}
-            for group, pairs in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0]))
+            group: _duel(pairs) for group, pairs in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0]))
         }
     return paired
 
 
+def _duel(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Two modes' lines of the same items: how many, where the first scored higher, where the second did, p."""
+    wins = sum(a["score"] > b["score"] for a, b in pairs)
+    losses = sum(b["score"] > a["score"] for a, b in pairs)
+    return {"n": len(pairs), "wins": wins, "losses": losses, "p": sign_test(wins, losses)}
+
+
 def render_summary(summary: dict[str, Any]) -> str:
-    """summary.md: one column per mode."""
+    """summary.md: one column per mode, then one per pair of modes (`_render_paired`)."""
     modes = summary["modes"]
     names = list(modes)
     rows = [
