@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from vpt_agent.cli import main
-from vpt_agent.evaluation.runner import EvalSpec, PredictionLog, evaluate
+from vpt_agent.evaluation.datasets import synthetic_dataset
+from vpt_agent.evaluation.runner import (
+    EvalSpec, PredictionLog, Task, evaluate, prediction_line, render_summary, summarize,
+)
 from vpt_agent.model.modeling import VPTForConditionalGeneration
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vpt_datasets"
@@ -194,6 +197,25 @@ def test_synthetic_benchmark_in_four_modes(checkpoint, tmp_path, capsys):
     assert "| | region vs reencode | region vs free |" in markdown and "| category: counting | +" in markdown
     assert main(argv) == 0  # resumes: nothing left to run, the same summary
     assert json.loads((out / "summary.json").read_text())["modes"] == summary["modes"]
+
+
+def test_pairs_of_modes_are_compared_item_by_item():
+    data = synthetic_dataset(5, 2)  # 8 items: fine_detail, spatial, counting, existence, twice
+    scores = {"region": [1, 1, 0, 1, 0, 1, 1, 0], "direct": [0, 1, 1, 0, 0, 1, 0, None]}  # None: unusable
+    lines = []
+    for mode, row in scores.items():
+        for item, score in zip(data.items, row):
+            lines.append(prediction_line(Task(mode, item), answer="x") | {"score": score})
+    summary = summarize(data, lines, list(scores), len(data.items), EvalSpec(metric="exact"))
+    duel = summary["paired"]["region vs direct"]
+    assert list(summary["paired"]) == ["region vs direct"] and list(duel)[0] == "all"
+    # items 0, 3 and 6 region alone, item 2 direct alone; item 7 is not compared (direct did not score it)
+    assert {k: duel["all"][k] for k in ("n", "wins", "losses")} == {"n": 7, "wins": 3, "losses": 1}
+    assert duel["all"]["p"] == pytest.approx(2 * 5 / 16)  # P(a 4-item split at least 3 to 1) between equals
+    assert {c: (d["n"], d["wins"], d["losses"]) for c, d in duel.items() if c != "all"} == {
+        "fine_detail": (2, 1, 0), "spatial": (2, 0, 0), "counting": (2, 1, 1), "existence": (1, 1, 0)}
+    markdown = render_summary(summary)
+    assert "| | region vs direct |" in markdown and "| all | +3 / -1 (p 0.625) |" in markdown
 
 
 @pytest.mark.parametrize("argv", [["eval", "--out", "x"], ["eval", TEXTVQA, "--synthetic", "--out", "x"]])
