@@ -119,9 +119,8 @@ def test_labels_cover_assistant_turns_only(tiny, item):
     spatial = generate(0, 8, ("spatial",))[0]
     assert supervised(build_example(spatial, "free", tokenizer, **finer)) == spatial.answer + IM_END
     for same in (None, DEMO_MAX_PIXELS):  # a clip re-encoding at the global view's budget shows nothing more
-        example = build_example(other, "free", tokenizer, max_pixels=DEMO_MAX_PIXELS, branch="clip",
-                                clip_max_pixels=same)
-        assert supervised(example) == other.answer + IM_END
+        assert supervised(build_example(other, "free", tokenizer, **finer | {"clip_max_pixels": same})) == (
+            other.answer + IM_END)
 
 
 def test_grounding_conversation_names_and_locates_every_object(tiny, item):

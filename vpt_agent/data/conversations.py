@@ -67,14 +67,14 @@ class Example:
     """The reencode route's clip branch input: the whole image within the clip budget, labelled."""
 
 
-def route(item: Item, mode: PromptMode, finer_reencoding: bool = False) -> Route:
+def route(item: Item, mode: PromptMode, sees_more: bool = False) -> Route:
     """What the assistant does first for ``item`` under prompt ``mode``: in free mode, the perception
     that helps the family (a crop to read; to count, a re-encoding if it sees the whole image finer
-    than the global view, ``finer_reencoding``), else the answer."""
+    than the global view, ``sees_more``: `finer_reencoding`), else the answer."""
     if mode == "free":
         if item.family in READING:
             return "region"
-        return "reencode" if item.family in COUNTING and finer_reencoding else "answer"
+        return "reencode" if item.family in COUNTING and sees_more else "answer"
     return {"region": "region", "reencode": "reencode", "direct": "answer"}[mode]
 
 

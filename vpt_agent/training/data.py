@@ -144,8 +144,8 @@ def build_sample(item: SFTItem, image: torch.Tensor, tokenizer, image_processor=
     """The training sequence of ``item`` on its uint8 (3, H, W) ``image``, seen as the model with
     ``image_processor`` and ``config`` sees it (its `image_max_pixels` and `reencode_max_pixels`;
     None: the processor's budget)."""
-    budgets = (config.image_max_pixels, config.reencode_max_pixels) if config is not None else (None, None)
-    max_pixels, clip_budget = budgets
+    max_pixels, clip_budget = ((config.image_max_pixels, config.reencode_max_pixels) if config is not None
+                               else (None, None))
 
     def pixels(images: list[torch.Tensor], budget: int | None = max_pixels) -> tuple[torch.Tensor, torch.Tensor]:
         return qwen_pixel_values(images, image_processor, max_pixels=budget)
